@@ -1,0 +1,28 @@
+"""prefix_index: a radix index of KV-cache blocks keyed by chained xxhash block hashes.
+
+Pure Python plus xxhash, so any engine or router can reuse it.
+"""
+
+from .hashing import Hasher, block_hashes, default_hasher, namespace_seed, pack_tokens
+from .index import Match, PrefixIndex
+from .policy import BlockAccess, EvictionPolicy, HybridPolicy, LFUPolicy, LRUPolicy, make_policy
+from .stats import IndexStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockAccess",
+    "EvictionPolicy",
+    "Hasher",
+    "HybridPolicy",
+    "IndexStats",
+    "LFUPolicy",
+    "LRUPolicy",
+    "Match",
+    "PrefixIndex",
+    "block_hashes",
+    "default_hasher",
+    "make_policy",
+    "namespace_seed",
+    "pack_tokens",
+]
