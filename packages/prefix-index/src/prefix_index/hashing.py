@@ -33,7 +33,9 @@ def default_hasher(data: bytes) -> bytes:
 def namespace_seed(namespace: bytes = b"", hasher: Hasher | None = None) -> bytes:
     """The chain's starting digest for ``namespace`` (a tenant salt; ``b""`` is the shared one)."""
     if not isinstance(namespace, (bytes, bytearray)):
-        raise TypeError(f"namespace must be bytes, got {type(namespace).__name__}; encode strings first")
+        raise TypeError(
+            f"namespace must be bytes, got {type(namespace).__name__}; encode strings first"
+        )
     ns = bytes(namespace)
     return (hasher or default_hasher)(_DOMAIN + len(ns).to_bytes(4, "little") + ns)
 
@@ -51,8 +53,10 @@ def pack_tokens(tokens: Tokens) -> bytes:
             raise ValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
         if dtype.kind not in "iu":
             raise TypeError(f"tokens must hold integers, got an array of dtype {dtype}")
-        if dtype.itemsize >= 4 and len(arr) and (
-            int(arr.min()) < _INT32_MIN or int(arr.max()) > _INT32_MAX
+        if (
+            dtype.itemsize >= 4
+            and len(arr)
+            and (int(arr.min()) < _INT32_MIN or int(arr.max()) > _INT32_MAX)
         ):
             raise ValueError("token ids must fit in int32")
         return bytes(arr.astype("<i4").tobytes())

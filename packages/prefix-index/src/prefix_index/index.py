@@ -109,7 +109,9 @@ class PrefixIndex:
         """Reference count of a cached block. Raises ``KeyError`` for an unknown handle."""
         return self._node(handle).refcount
 
-    def peek(self, tokens: Tokens, namespace: bytes = b"", hashes: Sequence[bytes] | None = None) -> int:
+    def peek(
+        self, tokens: Tokens, namespace: bytes = b"", hashes: Sequence[bytes] | None = None
+    ) -> int:
         """Number of leading tokens whose blocks are cached. No side effects at all."""
         return len(self._walk(tokens, namespace, hashes)[0]) * self.block_size
 
@@ -164,13 +166,16 @@ class PrefixIndex:
         hashes = self._check_hashes(hashes, num_blocks)
         step = 4 * self.block_size
         node = self._root(namespace, create=False)
-        seed = self._seed(namespace)
         # Phase 1: walk what is cached, so a bad handle can be reported before any change.
-        i, prev, path = 0, seed, []
+        prev = (
+            self._seed(namespace) if not hashes else b""
+        )  # the seed only if block 0 is hashed here
+        i, path = 0, []
         while node is not None and i < num_blocks:
-            h = hashes[i] if i < len(hashes) else self.hasher(prev + packed[i * step : (i + 1) * step])
+            block = packed[i * step : (i + 1) * step]
+            h = hashes[i] if i < len(hashes) else self.hasher(prev + block)
             child = node.children.get(h)
-            if child is None:
+            if child is None or child.block != block:  # a miss, or a collision
                 break
             path.append(child)
             prev, node = h, child
@@ -191,6 +196,8 @@ class PrefixIndex:
             self._touch(existing, tick, now)
             if existing.handle != handles[j]:
                 not_adopted.append(handles[j])
+        if i == num_blocks:
+            return not_adopted
         parent = path[-1] if path else self._root(namespace, create=True)
         assert parent is not None
         for j in range(i, num_blocks):
@@ -271,7 +278,9 @@ class PrefixIndex:
     def clear(self, namespace: bytes | None = None) -> list[int]:
         """Remove every unreferenced block whose descendants are all unreferenced, in one
         namespace or in all; returns their handles. Cost: O(blocks in scope)."""
-        roots = list(self._roots.values()) if namespace is None else [self._roots.get(bytes(namespace))]
+        roots = (
+            list(self._roots.values()) if namespace is None else [self._roots.get(bytes(namespace))]
+        )
         out: list[int] = []
         for root in roots:
             if root is not None:
@@ -387,7 +396,8 @@ class PrefixIndex:
         )
         if self.ttl is not None:
             heapq.heappush(
-                self._ttl_heap, (node.last_used_time, node.last_access, node.seq, node.version, node)
+                self._ttl_heap,
+                (node.last_used_time, node.last_access, node.seq, node.version, node),
             )
         # Stale entries pile up as blocks are touched; rebuild once they dominate (amortized O(1)).
         if len(self._evict_heap) > 2 * len(self._by_handle) + 64:

@@ -8,7 +8,6 @@ which only grows. Ties are broken by recency (a logical clock), then by creation
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -53,23 +52,29 @@ class LFUPolicy(EvictionPolicy):
 
 
 class HybridPolicy(EvictionPolicy):
-    """Recency with a frequency bonus that ages (GreedyDual-Frequency).
+    """Recency with a frequency bonus that ages (GreedyDual-Frequency, with a capped bonus).
 
-    ``priority = baseline + frequency_weight * log2(1 + hits)``. A block touched now starts at
-    the current baseline, which rises as blocks are evicted, so old blocks fall behind new ones
-    (recency); a block hit often holds a bonus of several cache turnovers, so a scan of one-off
-    prompts (one hit each) cannot flush it, yet a formerly hot block ages out once unused.
+    ``priority = baseline + min(frequency_weight * hits, max_bonus)``. Every cached block has
+    at least one hit (its insert), so the baseline -- the priority of the last evicted block --
+    rises by about one per turnover of the cache. A block touched now starts at the current
+    baseline, ahead of everything touched earlier (recency); a block hit ``k`` times survives
+    about ``k`` turnovers of one-off traffic after its last use, so a scan cannot flush a hot
+    system prompt, yet a formerly hot block ages out once it stops being used (``max_bonus``
+    bounds how long).
     """
 
     name = "hybrid"
 
-    def __init__(self, frequency_weight: float = 1.0) -> None:
+    def __init__(self, frequency_weight: float = 1.0, max_bonus: float = 32.0) -> None:
         if not frequency_weight >= 0:
             raise ValueError(f"frequency_weight must be >= 0, got {frequency_weight!r}")
+        if not max_bonus >= 0:
+            raise ValueError(f"max_bonus must be >= 0, got {max_bonus!r}")
         self.frequency_weight = frequency_weight
+        self.max_bonus = max_bonus
 
     def priority(self, access: BlockAccess, baseline: float) -> float:
-        return baseline + self.frequency_weight * math.log2(1 + access.hits)
+        return baseline + min(self.frequency_weight * access.hits, self.max_bonus)
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
