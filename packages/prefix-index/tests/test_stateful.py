@@ -80,8 +80,7 @@ class ReferenceIndex:
         returned = []
         for i, k in enumerate(keys):
             blk = self.blocks[k]
-            blk.hits += 1
-            self.touch(blk, now)
+            self.touch(blk, now)  # recency and TTL; the hit was counted by match
             if blk.handle != handles[i]:
                 returned.append(handles[i])
         for i in range(len(keys), len(handles)):

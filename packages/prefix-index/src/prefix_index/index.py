@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .hashing import Hasher, Tokens, chain_hashes, default_hasher, namespace_seed, pack_tokens
+from .hashing import Hasher, Tokens, default_hasher, namespace_seed, pack_tokens
 from .policy import BlockAccess, EvictionPolicy, make_policy
 from .stats import IndexStats
 
@@ -39,7 +39,7 @@ class _Node:
     hits: int = 0
     last_access: int = 0
     last_used_time: float = 0.0
-    priority: float = 0.0
+    touch_baseline: float = 0.0  # the eviction baseline when last touched: fixes its priority
     version: int = 0  # bumped on every heap push; older heap entries are stale
     alive: bool = True
 
@@ -130,7 +130,7 @@ class PrefixIndex:
         tick, now = self._next_tick(), self.clock()
         for node in nodes:
             node.hits += 1
-            self._touch(node, tick, now)
+        self._touch(nodes, tick, now)
         num_tokens = len(nodes) * self.block_size
         self._queries += 1
         self._queried_tokens += len(tokens)
@@ -190,28 +190,27 @@ class PrefixIndex:
                     "block at a time (evict or clear it first)"
                 )
         tick, now = self._next_tick(), self.clock()
-        not_adopted: list[int] = []
-        for j, existing in enumerate(path):
-            existing.hits += 1
-            self._touch(existing, tick, now)
-            if existing.handle != handles[j]:
-                not_adopted.append(handles[j])
+        self._touch(path, tick, now)  # recency and TTL, but not a hit: match counted that
+        not_adopted = [handles[j] for j, node in enumerate(path) if node.handle != handles[j]]
         if i == num_blocks:
             return not_adopted
         parent = path[-1] if path else self._root(namespace, create=True)
         assert parent is not None
+        ns, hasher, baseline = bytes(namespace), self.hasher, self._baseline
         for j in range(i, num_blocks):
             block = packed[j * step : (j + 1) * step]
-            h = hashes[j] if j < len(hashes) else self.hasher(prev + block)
+            h = hashes[j] if j < len(hashes) else hasher(prev + block)
             if h in parent.children:  # a colliding hash with other tokens: cannot be placed
                 not_adopted.extend(handles[j:])
                 break
-            child = _Node(h, block, handles[j], parent, bytes(namespace), next(self._seq), hits=1)
+            child = _Node(h, block, handles[j], parent, ns, next(self._seq), hits=1)
+            child.last_access, child.last_used_time, child.touch_baseline = tick, now, baseline
             parent.children[h] = child
             self._by_handle[child.handle] = child
             self._inserted += 1
-            self._touch(child, tick, now)
             parent, prev = child, h
+        if parent.parent is not None and self._is_candidate(parent):
+            self._push(parent)  # only the new chain's last block can be a leaf
         return not_adopted
 
     def acquire(self, handles: Iterable[int]) -> None:
@@ -237,11 +236,13 @@ class PrefixIndex:
                     "you acquired"
                 )
         tick, now = self._next_tick(), self.clock()
+        freed = []
         for node in nodes:
             node.refcount -= 1
             if node.refcount == 0:
                 self._referenced -= 1
-                self._touch(node, tick, now)
+                freed.append(node)
+        self._touch(freed, tick, now)
 
     def evict(self, n: int) -> list[int]:
         """Remove up to ``n`` unreferenced leaf blocks, lowest priority first, continuing into
@@ -353,6 +354,7 @@ class PrefixIndex:
         nodes: list[_Node] = []
         found: list[bytes] = []
         prev = b""
+        hasher = self.hasher
         for i in range(num_blocks):
             if node is None:
                 break
@@ -362,7 +364,7 @@ class PrefixIndex:
             else:
                 if i == 0:
                     prev = self._seed(namespace)
-                h = chain_hashes(block, self.block_size, 0, 1, prev, self.hasher)[0]
+                h = hasher(prev + block)
             child = node.children.get(h)
             if child is None or child.block != block:  # a miss, or a collision
                 break
@@ -381,19 +383,23 @@ class PrefixIndex:
     def _is_current(self, node: _Node, version: int) -> bool:
         return node.version == version and self._is_candidate(node)
 
-    def _touch(self, node: _Node, tick: int, now: float) -> None:
-        """Record an access and, if the block is evictable, re-queue it with its new key."""
-        node.last_access = tick
-        node.last_used_time = now
-        node.priority = self.policy.priority(BlockAccess(node.hits, tick), self._baseline)
-        if self._is_candidate(node):
-            self._push(node)
+    def _touch(self, nodes: list[_Node], tick: int, now: float) -> None:
+        """Record an access and re-queue the evictable blocks under their new key.
+
+        The key is fixed by what the touch records (hits, tick, baseline), so it is computed
+        only when a block enters the heap: most touched blocks are inner or held ones."""
+        baseline = self._baseline
+        for node in nodes:
+            node.last_access = tick
+            node.last_used_time = now
+            node.touch_baseline = baseline
+            if not node.children and node.refcount == 0:
+                self._push(node)
 
     def _push(self, node: _Node) -> None:
         node.version += 1
-        heapq.heappush(
-            self._evict_heap, (node.priority, node.last_access, node.seq, node.version, node)
-        )
+        priority = self.policy.priority(BlockAccess(node.hits, node.last_access), node.touch_baseline)
+        heapq.heappush(self._evict_heap, (priority, node.last_access, node.seq, node.version, node))
         if self.ttl is not None:
             heapq.heappush(
                 self._ttl_heap,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class BlockAccess:
-    """What a policy may look at: ``hits`` counts inserts and matches of the block;
+    """What a policy may look at: ``hits`` counts the block's insert and its matches;
     ``last_access`` is the logical clock tick of its latest touch or release."""
 
     hits: int
