@@ -8,8 +8,7 @@ int32. Only full blocks are hashed; a trailing partial block is ignored.
 
 from __future__ import annotations
 
-import sys
-from array import array
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
@@ -61,16 +60,13 @@ def pack_tokens(tokens: Tokens) -> bytes:
             raise ValueError("token ids must fit in int32")
         return bytes(arr.astype("<i4").tobytes())
     try:
-        packed = array("i", tokens)
-    except OverflowError:
-        raise ValueError("token ids must fit in int32") from None
+        return struct.pack(f"<{len(arr)}i", *arr)
+    except struct.error as exc:
+        if "not an integer" in str(exc):
+            raise TypeError(f"tokens must be a sequence of ints: {exc}") from None
+        raise ValueError(f"token ids must fit in int32: {exc}") from None
     except TypeError as exc:
         raise TypeError(f"tokens must be a sequence of ints: {exc}") from None
-    if packed.itemsize != 4:  # pragma: no cover - C int is 32-bit on every supported platform
-        packed = array("l", tokens)
-    if sys.byteorder == "big":  # pragma: no cover
-        packed.byteswap()
-    return packed.tobytes()
 
 
 def chain_hashes(
