@@ -1,0 +1,214 @@
+"""Engine configuration: one validated dataclass and the rules that resolve its automatic values."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["EngineConfig", "available_host_memory", "free_device_memory"]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+# Defaults from the design: a CPU step stays small so no stream stalls for seconds on two cores.
+CPU_MAX_BATCH_SIZE = 64
+CPU_MAX_NUM_BATCHED_TOKENS = 512
+GPU_MAX_BATCH_SIZE = 256
+GPU_MAX_NUM_BATCHED_TOKENS = 8192
+MAX_MODEL_LEN_CAP = 8192
+GPU_CACHE_FRACTION = 0.8
+CPU_CACHE_FRACTION = 0.5
+# Several engines, a test process and a reference model must share one machine's RAM.
+CPU_CACHE_CAP_BYTES = 4 << 30
+
+
+@dataclass
+class EngineConfig:
+    """Everything that shapes an engine; validated on construction.
+
+    ``None`` / ``"auto"`` fields are resolved when the engine starts (they depend on the device and
+    the model): ``device`` auto = CUDA when available, else CPU; ``dtype`` auto = bfloat16 on CUDA,
+    float32 on CPU; ``max_batch_size`` / ``max_num_batched_tokens`` = 256 / 8192 on a GPU and
+    64 / 512 on CPU; ``max_model_len`` = the model's context length capped at 8192;
+    ``cache_size_limit`` = 0.8 of free accelerator memory after the weights, or on CPU 0.5 of
+    available RAM but never more than 4 GiB; ``num_blocks``, when given, overrides the budget.
+    """
+
+    model: str = "default"
+    device: str = "auto"
+    dtype: str | torch.dtype = "auto"
+    block_size: int = 16
+    quant_policy: int = 0
+    cache_size_limit: float | None = None
+    num_blocks: int | None = None
+    max_batch_size: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(
+                "EngineConfig.model must be a non-empty string: 'default', a model directory, "
+                "a .gguf file or 'dummy:<preset|config.json>'"
+            )
+        self._check_device()
+        self._check_dtype()
+        _check_int("block_size", self.block_size, minimum=1)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(
+                f"EngineConfig.block_size must be a power of two (the attention kernels tile by it), "
+                f"got {self.block_size}; 16 is the default"
+            )
+        if self.quant_policy not in (0, 4, 8) or isinstance(self.quant_policy, bool):
+            raise ValueError(
+                f"EngineConfig.quant_policy must be 0 (no KV quantization), 8 (int8) or 4 (int4), "
+                f"got {self.quant_policy!r}"
+            )
+        if self.cache_size_limit is not None:
+            if isinstance(self.cache_size_limit, bool) or not isinstance(
+                self.cache_size_limit, (int, float)
+            ):
+                raise ValueError("EngineConfig.cache_size_limit must be a number in (0, 1] or None")
+            if not 0.0 < float(self.cache_size_limit) <= 1.0:
+                raise ValueError(
+                    f"EngineConfig.cache_size_limit is the fraction of free memory given to KV "
+                    f"blocks and must be in (0, 1], got {self.cache_size_limit}; use num_blocks "
+                    f"to set the pool size directly"
+                )
+        if self.num_blocks is not None:
+            _check_int("num_blocks", self.num_blocks, minimum=1)
+        if self.max_batch_size is not None:
+            _check_int("max_batch_size", self.max_batch_size, minimum=1)
+        if self.max_num_batched_tokens is not None:
+            _check_int("max_num_batched_tokens", self.max_num_batched_tokens, minimum=1)
+        if self.max_model_len is not None:
+            _check_int("max_model_len", self.max_model_len, minimum=2)
+        _check_int("seed", self.seed, minimum=0)
+
+    def _check_device(self) -> None:
+        if self.device == "auto":
+            return
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(
+                f"EngineConfig.device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}"
+            ) from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"EngineConfig.device is {self.device!r} but CUDA is not available; "
+                f"use device='cpu' or 'auto'"
+            )
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(
+                f"EngineConfig.device must be 'cpu' or 'cuda[:N]', got {self.device!r}"
+            )
+
+    def _check_dtype(self) -> None:
+        if isinstance(self.dtype, torch.dtype):
+            ok = self.dtype in _DTYPES.values()
+        else:
+            ok = self.dtype == "auto" or self.dtype in _DTYPES
+        if not ok:
+            raise ValueError(
+                f"EngineConfig.dtype must be 'auto', 'float32', 'float16' or 'bfloat16', "
+                f"got {self.dtype!r}"
+            )
+
+    # -- resolution of automatic values -------------------------------------------------------
+
+    def torch_device(self) -> torch.device:
+        """The device the engine runs on (``auto``: CUDA when available, else CPU)."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        """The weight and activation dtype (``auto``: bfloat16 on CUDA, float32 on CPU)."""
+        if isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]
+
+    def resolved_max_batch_size(self) -> int:
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        return GPU_MAX_BATCH_SIZE if self.torch_device().type == "cuda" else CPU_MAX_BATCH_SIZE
+
+    def resolved_max_num_batched_tokens(self) -> int:
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        if self.torch_device().type == "cuda":
+            return GPU_MAX_NUM_BATCHED_TOKENS
+        return CPU_MAX_NUM_BATCHED_TOKENS
+
+    def resolved_max_model_len(self, model_max_len: int) -> int:
+        """``max_model_len`` if given (it may not exceed the model's), else the model's capped at 8192."""
+        if self.max_model_len is None:
+            return max(2, min(model_max_len, MAX_MODEL_LEN_CAP))
+        if self.max_model_len > model_max_len:
+            raise ValueError(
+                f"EngineConfig.max_model_len={self.max_model_len} exceeds the model's context "
+                f"length {model_max_len}; lower it or leave it unset"
+            )
+        return self.max_model_len
+
+    def kv_budget_bytes(self, device: torch.device) -> int:
+        """Bytes given to KV blocks when ``num_blocks`` is not set.
+
+        Called after the weights are loaded, so free accelerator memory already excludes them.
+        """
+        if device.type == "cuda":
+            frac = GPU_CACHE_FRACTION if self.cache_size_limit is None else self.cache_size_limit
+            return int(free_device_memory(device) * frac)
+        frac = CPU_CACHE_FRACTION if self.cache_size_limit is None else self.cache_size_limit
+        return int(min(available_host_memory() * frac, CPU_CACHE_CAP_BYTES))
+
+    def replace(self, **changes: object) -> EngineConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"EngineConfig.{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"EngineConfig.{name} must be >= {minimum}, got {value}")
+
+
+def available_host_memory() -> int:
+    """Bytes of RAM available to new allocations (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def free_device_memory(device: torch.device) -> int:
+    """Free bytes on an accelerator (CPU: available RAM)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return available_host_memory()

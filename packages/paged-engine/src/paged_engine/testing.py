@@ -1,0 +1,63 @@
+"""Helpers for checking the engine against transformers (used by this package's tests and by
+integration tests elsewhere). Importing this module imports nothing beyond torch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["assert_greedy_match", "first_mismatch", "hf_greedy"]
+
+
+def hf_greedy(
+    model: Any, prompt: list[int], max_new_tokens: int
+) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers' greedy continuation of one prompt (no early stop on eos unless the model's
+    generation config asks for it), and the raw logits ``[V]`` of every generated position."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt], device=model.device),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+    tokens = out.sequences[0, len(prompt) :].tolist()
+    return [int(t) for t in tokens], [lg[0].float().cpu() for lg in out.logits]
+
+
+def first_mismatch(got: list[int], ref: list[int]) -> int | None:
+    """Index of the first differing token (a length difference counts), or None."""
+    for i, (a, b) in enumerate(zip(got, ref, strict=False)):
+        if a != b:
+            return i
+    return None if len(got) == len(ref) else min(len(got), len(ref))
+
+
+def assert_greedy_match(
+    got: list[int], ref: list[int], ref_logits: list[torch.Tensor], tie_margin: float = 1e-4
+) -> None:
+    """Assert ``got`` equals the greedy reference ``ref``.
+
+    Where they first differ, the reference's top-2 logit margin at that step must be below
+    ``tie_margin`` (a genuine near-tie that float rounding may flip); later tokens are not
+    compared, since the two continuations have diverged.
+    """
+    i = first_mismatch(got, ref)
+    if i is None:
+        return
+    if i >= min(len(got), len(ref)):
+        raise AssertionError(
+            f"lengths differ: got {len(got)}, reference {len(ref)}\n got {got}\n ref {ref}"
+        )
+    top2 = ref_logits[i].topk(2).values
+    margin = float(top2[0] - top2[1])
+    if margin >= tie_margin:
+        raise AssertionError(
+            f"token {i} differs ({got[i]} vs reference {ref[i]}) and the reference's top-2 "
+            f"logit margin there is {margin:.3g}, not a near-tie (< {tie_margin})\n"
+            f" got {got}\n ref {ref}"
+        )
