@@ -398,7 +398,9 @@ class PrefixIndex:
 
     def _push(self, node: _Node) -> None:
         node.version += 1
-        priority = self.policy.priority(BlockAccess(node.hits, node.last_access), node.touch_baseline)
+        priority = self.policy.priority(
+            BlockAccess(node.hits, node.last_access), node.touch_baseline
+        )
         heapq.heappush(self._evict_heap, (priority, node.last_access, node.seq, node.version, node))
         if self.ttl is not None:
             heapq.heappush(
