@@ -34,14 +34,20 @@ def test_insert_then_match_and_peek() -> None:
     assert idx.peek(toks(1, 2)[:-1]) == B  # a partial block never matches
 
 
-def test_peek_has_no_side_effects() -> None:
-    idx = PrefixIndex(B, policy="lru")
+def test_peek_and_lookup_have_no_side_effects() -> None:
+    clock = FakeClock()
+    idx = PrefixIndex(B, policy="lru", ttl=5.0, clock=clock)
     idx.insert(toks(1), [1])
-    idx.insert(toks(2), [2])
+    idx.insert(toks(2, 3), [2, 3])
     before = idx.stats()
-    idx.peek(toks(1))
+    clock.now = 4.0
+    assert idx.peek(toks(1)) == B
+    m = idx.lookup(toks(2, 3, 4))
+    assert m.handles == [2, 3] and m.num_tokens == 2 * B and m.hashes == block_hashes(toks(2, 3), B)
     assert idx.stats() == before
-    assert idx.evict(1) == [1]  # peek did not refresh block 1
+    assert idx.evict(1) == [1]  # neither refreshed block 1
+    clock.now = 5.0
+    assert idx.expire() == [3, 2]  # nor restarted the TTL
 
 
 def test_insert_returns_handles_it_did_not_adopt() -> None:

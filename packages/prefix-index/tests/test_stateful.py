@@ -149,6 +149,8 @@ class IndexMachine(RuleBasedStateMachine):
     @rule(ns=st.sampled_from(NAMESPACES), tokens=prompts)
     def peek(self, ns: bytes, tokens: list[int]) -> None:
         assert self.index.peek(tokens, ns) == len(self.ref.path(ns, tokens)) * B
+        expect = [self.ref.blocks[k].handle for k in self.ref.path(ns, tokens)]
+        assert self.index.lookup(tokens, ns).handles == expect
 
     @rule(ns=st.sampled_from(NAMESPACES), tokens=prompts, give_hashes=st.booleans())
     def match(self, ns: bytes, tokens: list[int], give_hashes: bool) -> None:

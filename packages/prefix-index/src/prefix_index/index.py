@@ -115,6 +115,15 @@ class PrefixIndex:
         """Number of leading tokens whose blocks are cached. No side effects at all."""
         return len(self._walk(tokens, namespace, hashes)[0]) * self.block_size
 
+    def lookup(
+        self, tokens: Tokens, namespace: bytes = b"", hashes: Sequence[bytes] | None = None
+    ) -> Match:
+        """What ``match`` would return, with no side effects at all (no recency, hit count,
+        TTL or statistics): for a caller that inspects the cache without using it, e.g. to
+        find which handle caches a block that ``insert`` did not adopt."""
+        nodes, found = self._walk(tokens, namespace, hashes)
+        return Match([n.handle for n in nodes], len(nodes) * self.block_size, found)
+
     def match(
         self, tokens: Tokens, namespace: bytes = b"", hashes: Sequence[bytes] | None = None
     ) -> Match:
