@@ -123,7 +123,10 @@ def test_abort(llama_dir: Path) -> None:
     assert not engine.abort("nope")
     done = _drain(engine)
     assert done["a"].finish_reason == "abort" and done["b"].finish_reason == "length"
-    assert engine.stats().num_blocks_free == engine.stats().num_blocks_total
+    st = engine.stats()
+    assert st.num_blocks_used == 0  # nothing leaks: all free, or cached for reuse
+    assert st.num_blocks_free + st.num_blocks_cached == st.num_blocks_total
+    engine.check_invariants()
 
 
 def test_outputs_stream_and_times(llama_dir: Path) -> None:
@@ -176,7 +179,9 @@ def test_random_submit_abort_step_keeps_books(llama_dir: Path, seed: int) -> Non
         finished.add(out.request_id)
     assert finished == {f"r{i}" for i in range(n)}
     st = engine.stats()
-    assert st.num_blocks_free == st.num_blocks_total and st.num_running == st.num_waiting == 0
+    assert st.num_blocks_used == 0 and st.num_running == st.num_waiting == 0
+    assert engine.reset_prefix_cache() == st.num_blocks_cached
+    assert engine.stats().num_blocks_free == st.num_blocks_total
 
 
 def test_generate_input_forms(llama_dir: Path) -> None:

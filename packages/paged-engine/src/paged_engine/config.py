@@ -31,6 +31,7 @@ GPU_CACHE_FRACTION = 0.8
 CPU_CACHE_FRACTION = 0.5
 # Several engines, a test process and a reference model must share one machine's RAM.
 CPU_CACHE_CAP_BYTES = 4 << 30
+EVICTION_POLICIES = ("lru", "lfu", "hybrid")
 
 
 @dataclass
@@ -43,6 +44,14 @@ class EngineConfig:
     64 / 512 on CPU; ``max_model_len`` = the model's context length capped at 8192;
     ``cache_size_limit`` = 0.8 of free accelerator memory after the weights, or on CPU 0.5 of
     available RAM but never more than 4 GiB; ``num_blocks``, when given, overrides the budget.
+
+    Prefix caching: ``enable_prefix_caching`` (default True) reuses the KV of full blocks whose
+    tokens (and ``cache_salt``) match a cached prefix exactly; cached blocks stay until memory is
+    needed, then ``eviction_policy`` (``lru``, ``lfu`` or ``hybrid``) picks what goes, and
+    ``cache_ttl`` (seconds, or None) drops blocks idle that long. ``prefix_match_threshold``
+    (in [0, 1]) never makes reuse approximate: it is the fraction of a prompt that must already
+    be cached for the request to count as a cache hit; the scheduler admits hits first, and a
+    request passed over too often goes first (so nothing starves).
     """
 
     model: str = "default"
@@ -56,6 +65,10 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
     seed: int = 0
+    enable_prefix_caching: bool = True
+    eviction_policy: str = "hybrid"
+    cache_ttl: float | None = None
+    prefix_match_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -96,6 +109,34 @@ class EngineConfig:
         if self.max_model_len is not None:
             _check_int("max_model_len", self.max_model_len, minimum=2)
         _check_int("seed", self.seed, minimum=0)
+        self._check_prefix_caching()
+
+    def _check_prefix_caching(self) -> None:
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(
+                f"EngineConfig.enable_prefix_caching must be True or False, got "
+                f"{self.enable_prefix_caching!r}"
+            )
+        if self.eviction_policy not in EVICTION_POLICIES:
+            raise ValueError(
+                f"EngineConfig.eviction_policy must be one of {', '.join(EVICTION_POLICIES)}, "
+                f"got {self.eviction_policy!r}"
+            )
+        if self.cache_ttl is not None and (
+            isinstance(self.cache_ttl, bool)
+            or not isinstance(self.cache_ttl, (int, float))
+            or not 0 < self.cache_ttl < float("inf")
+        ):
+            raise ValueError(
+                f"EngineConfig.cache_ttl is how long (seconds) an unused cached block is kept; it "
+                f"must be a positive number or None (no expiry), got {self.cache_ttl!r}"
+            )
+        t = self.prefix_match_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+            raise ValueError(
+                f"EngineConfig.prefix_match_threshold is the cached fraction of a prompt that "
+                f"makes it a cache hit and must be in [0, 1], got {t!r}"
+            )
 
     def _check_device(self) -> None:
         if self.device == "auto":

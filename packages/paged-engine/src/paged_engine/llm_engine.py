@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from typing import Any
 
 import torch
 
 import kvquant
+from prefix_index import PrefixIndex
 
 from .block_pool import BlockPool
 from .config import EngineConfig
@@ -16,9 +18,9 @@ from .detokenizer import IncrementalDetokenizer
 from .model_loader import LoadedModel, load_model, resolve_model
 from .model_runner import ModelRunner
 from .outputs import EngineStats, FinishReason, RequestOutput
-from .sampler import Sampler
+from .sampler import Sampler, top_logprobs
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import ScheduledSequence, Scheduler
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 
@@ -84,13 +86,19 @@ class LLMEngine:
                 device=self.device,
             )
         num_blocks = int(self.kv_cache.num_blocks)
-        self.block_pool = BlockPool(num_blocks, config.block_size)
+        index = (
+            PrefixIndex(config.block_size, policy=config.eviction_policy, ttl=config.cache_ttl)
+            if config.enable_prefix_caching
+            else None
+        )
+        self.block_pool = BlockPool(num_blocks, config.block_size, index)
         # No sequence may outgrow the pool, so the oldest running one can always make progress.
         self.max_seq_len = min(self.max_model_len, num_blocks * config.block_size)
         self.scheduler = Scheduler(
             self.block_pool,
             config.resolved_max_batch_size(),
             config.resolved_max_num_batched_tokens(),
+            config.prefix_match_threshold,
         )
         self.runner = ModelRunner(
             self.loaded.model,
@@ -103,6 +111,8 @@ class LLMEngine:
         self._requests: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator | None] = {}
         self._pending: list[RequestOutput] = []
+        # request id -> prompt logits not yet yielded by ``score``
+        self._prompt_logit_sinks: dict[str, list[tuple[int, torch.Tensor]]] = {}
         self._ids = itertools.count()
         self._num_finished = 0
         self._prompt_tokens = 0
@@ -116,11 +126,18 @@ class LLMEngine:
         prompt: Prompt,
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        cache_salt: bytes = b"",
     ) -> None:
-        """Queue a request. Raises ValueError only for a request id already in use; a bad
-        request is finished with an error output returned by the next ``step``."""
+        """Queue a request. Raises ValueError only for a request id already in use or a
+        ``cache_salt`` that is not bytes; a bad request is finished with an error output
+        returned by the next ``step``.
+
+        ``cache_salt`` is the request's prefix-cache namespace (a tenant): it reuses only
+        blocks computed under the same salt."""
         if request_id in self._requests or any(o.request_id == request_id for o in self._pending):
             raise ValueError(f"request id {request_id!r} is already in use")
+        if not isinstance(cache_salt, bytes):
+            raise ValueError(f"cache_salt must be bytes, got {type(cache_salt).__name__}")
         params = params if params is not None else SamplingParams()
         token_ids: list[int] = []
         error: str | None = None
@@ -133,8 +150,14 @@ class LLMEngine:
             request_id,
             token_ids,
             params,
-            IncrementalDetokenizer(self.tokenizer, token_ids),
+            IncrementalDetokenizer(
+                self.tokenizer,
+                token_ids,
+                params.stop_strings if error is None else (),
+                error is None and params.include_stop_str_in_output,
+            ),
             arrival_time,
+            cache_salt,
         )
         if error is not None:
             seq.finish("error", error)
@@ -203,20 +226,33 @@ class LLMEngine:
         """Run one scheduled forward pass. Returns an output for every request that got a token
         or finished (including errors and aborts since the last step)."""
         outputs, self._pending = self._pending, []
+        self.block_pool.expire()  # O(expired): idle cached blocks go even without pressure
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return outputs
         logits = self.runner.execute(sched.scheduled)
+        self._take_prompt_logits(sched.scheduled, logits.prompt)
         sampling = [s.seq for s in sched.scheduled if s.completes]
-        tokens = self.sampler(
-            logits,
+        sampled = self.sampler(
+            logits.sample,
             [s.params for s in sampling],
             [self._generators.get(s.request_id) for s in sampling],
+            [s.prompt_token_ids for s in sampling],
+            [s.output_token_ids for s in sampling],
         )
         for s in sched.scheduled:
             s.seq.num_computed_tokens += s.num_tokens
-        for seq, token in zip(sampling, tokens, strict=True):
-            seq.append_token(token)
+            self._publish(s.seq)
+        for seq, token, logprobs in zip(
+            sampling, sampled.token_ids, sampled.logprobs, strict=True
+        ):
+            # Stop tokens end the request without adding text (as vLLM).
+            shown = seq.params.include_stop_str_in_output or not self._is_stop_token(seq, token)
+            seq.append_token(token, logprobs, detokenize=shown)
+            if seq.prompt_logprobs is not None:
+                # Prompt positions reused from the prefix cache produced no logits: None.
+                missing = seq.num_prompt_tokens - len(seq.prompt_logprobs)
+                seq.prompt_logprobs.extend([None] * missing)
             self._generation_tokens += 1
             reason = self._stop_reason(seq, token)
             if reason is not None:
@@ -228,9 +264,57 @@ class LLMEngine:
             outputs.append(seq.to_output())
         return outputs
 
+    def _publish(self, seq: Sequence) -> None:
+        """Offer the sequence's newly completed full blocks to the prefix cache."""
+        bs = self.config.block_size
+        full = seq.num_computed_tokens // bs
+        if self.block_pool.index is None or full <= seq.num_published_blocks:
+            return
+        hashes = seq.hashes_for(full, bs)
+        seq.block_ids = self.block_pool.publish(seq.block_ids, seq.token_ids, seq.cache_salt, hashes)
+        seq.num_published_blocks = full
+
+    def reset_prefix_cache(self, cache_salt: bytes | None = None) -> int:
+        """Drop every cached block nobody is using, of one namespace or (None) all; returns how
+        many blocks were freed. Blocks of running requests stay."""
+        return self.block_pool.clear_cache(cache_salt)
+
+    def _take_prompt_logits(
+        self, scheduled: list[ScheduledSequence], prompt: dict[int, tuple[int, torch.Tensor]]
+    ) -> None:
+        """Turn a step's prompt logits into ``prompt_logprobs`` entries and hand them to
+        ``score`` callers; positions whose KV came from the prefix cache get None."""
+        for i, (start, logits) in prompt.items():
+            seq = scheduled[i].seq
+            end = start + logits.shape[0]
+            if seq.prompt_logprobs is not None:
+                seq.prompt_logprobs.extend([None] * (start - seq.num_prompt_logits))
+                n = int(seq.params.prompt_logprobs or 0)
+                targets = torch.tensor(seq.prompt_token_ids[start + 1 : end + 1])
+                seq.prompt_logprobs.extend(
+                    top_logprobs(logits, targets.to(logits.device), [n] * len(targets))
+                )
+            sink = self._prompt_logit_sinks.get(seq.request_id)
+            if sink is not None:
+                sink.append((start, logits))
+            seq.num_prompt_logits = end
+
+    def _is_stop_token(self, seq: Sequence, token: int) -> bool:
+        p = seq.params
+        return (not p.ignore_eos and token in self.eos_token_ids) or token in (
+            p.stop_token_ids or ()
+        )
+
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Why ``seq`` ends after ``token`` (None: it goes on); records ``seq.stop_reason``."""
         p = seq.params
         if not p.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if token in (p.stop_token_ids or ()):
+            seq.stop_reason = token
+            return "stop"
+        if seq.detokenizer.stopped:
+            seq.stop_reason = seq.detokenizer.stop_string
             return "stop"
         if len(seq.output_token_ids) >= p.max_tokens or len(seq) >= self.max_seq_len:
             return "length"
@@ -243,6 +327,7 @@ class LLMEngine:
         prompts: Prompt | Seq[Prompt],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        cache_salt: bytes = b"",
     ) -> list[RequestOutput]:
         """Generate for a prompt or a batch of prompts (strings or token-id lists); returns the
         final outputs in input order. ``sampling_params`` is one object for all or one per
@@ -262,7 +347,7 @@ class LLMEngine:
         while any(i in self._requests for i in ids):  # ids a caller chose by hand
             ids = [f"generate-{next(self._ids)}" for _ in batch]
         for rid, prompt, params in zip(ids, batch, params_list, strict=True):
-            self.add_request(rid, prompt, params)
+            self.add_request(rid, prompt, params, cache_salt=cache_salt)
         wanted = set(ids)
         results: dict[str, RequestOutput] = {}
         from tqdm.auto import tqdm  # type: ignore[import-untyped]
@@ -275,6 +360,44 @@ class LLMEngine:
                         bar.update(1)
         return [results[i] for i in ids]
 
+    def score(self, prompt: Prompt) -> Iterator[tuple[int, torch.Tensor]]:
+        """Teacher-forced logits of every position of ``prompt``, through the paged path.
+
+        The prompt runs as a request that generates one greedy token, scheduled like any other:
+        prefilled in chunks of at most ``max_num_batched_tokens`` tokens, each chunk attending
+        to the KV cache (quantized under ``quant_policy`` 4 / 8) written by the chunks before.
+        Yields ``(start, logits)`` as chunks complete: float32 raw logits ``[m, V]`` of positions
+        ``start .. start + m - 1``, where position ``p`` predicts prompt token ``p + 1``; the
+        positions ``0 .. len(prompt) - 2`` come once each, in order, even across preemption.
+        Positions whose KV the prefix cache supplies are not computed and are skipped (use an
+        engine with ``enable_prefix_caching=False`` for complete coverage).
+
+        Other requests keep running alongside, but their outputs from the steps run here are
+        dropped. Raises ValueError for a prompt the engine would reject. Closing the iterator
+        early aborts the request.
+        """
+        rid = f"score-{next(self._ids)}"
+        while rid in self._requests:
+            rid = f"score-{next(self._ids)}"
+        self.add_request(rid, prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        seq = self._requests.get(rid)
+        if seq is None:
+            out = next(o for o in self._pending if o.request_id == rid)
+            self._pending.remove(out)
+            raise ValueError(out.error)
+        seq.capture_prompt_logits = True
+        sink = self._prompt_logit_sinks[rid] = []
+        try:
+            while rid in self._requests or sink:
+                if not sink:
+                    self.step()
+                while sink:
+                    yield sink.pop(0)
+        finally:
+            self._prompt_logit_sinks.pop(rid, None)
+            if self.abort(rid):
+                self._pending = [o for o in self._pending if o.request_id != rid]
+
     # -- introspection --------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
@@ -285,6 +408,10 @@ class LLMEngine:
             num_blocks_free=pool.num_free,
             num_blocks_cached=pool.num_cached,
             kv_usage=pool.num_used / pool.num_blocks,
+            prefix_cache_queried_tokens=self.scheduler.num_queried_tokens,
+            prefix_cache_hit_tokens=self.scheduler.num_hit_tokens,
+            num_evictions=pool.num_evicted,
+            num_expirations=pool.num_expired,
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             num_preemptions=self.scheduler.num_preemptions,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 import kvquant
@@ -9,7 +11,7 @@ import kvquant
 from .models.llama import AttentionMetadata, LlamaForCausalLM
 from .scheduler import ScheduledSequence
 
-__all__ = ["ModelRunner"]
+__all__ = ["ModelRunner", "StepLogits"]
 
 
 class ModelRunner:
@@ -68,17 +70,56 @@ class ModelRunner:
         return torch.tensor(ids, dtype=torch.int64).to(dev), meta
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence]) -> torch.Tensor:
-        """Run the scheduled chunks; return float32 logits ``[S, V]`` for the S chunks that
-        complete their sequence (in schedule order). Partial prefill chunks only fill the cache."""
+    def execute(self, scheduled: list[ScheduledSequence]) -> StepLogits:
+        """Run the scheduled chunks.
+
+        Returns float32 logits ``[S, V]`` of the last position of the S chunks that complete
+        their sequence (in schedule order; partial prefill chunks only fill the cache), and for
+        each chunk of a sequence that ``needs_prompt_logits``, the logits of its prompt
+        positions not yet handed out (see :class:`StepLogits`).
+        """
         input_ids, meta = self.prepare(scheduled)
         hidden: torch.Tensor = self.model(input_ids, meta, self.cache)
-        last = torch.cumsum(meta.query_lens.to(torch.int64), 0) - 1
+        qlens = meta.query_lens.to(torch.int64)
+        first = torch.cumsum(qlens, 0) - qlens
         rows = [i for i, s in enumerate(scheduled) if s.completes]
-        if not rows:
-            return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
-        idx = last[torch.tensor(rows, device=last.device)]
-        logits = self.model.logits(hidden.index_select(0, idx)).float()
+        if rows:
+            idx = (first + qlens - 1)[torch.tensor(rows, device=first.device)]
+            logits = self._logits(hidden.index_select(0, idx))
+        else:
+            logits = hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
+        prompt: dict[int, tuple[int, torch.Tensor]] = {}
+        for i, s in enumerate(scheduled):
+            seq = s.seq
+            if not seq.needs_prompt_logits:
+                continue
+            c = seq.num_computed_tokens
+            lo = max(c, seq.num_prompt_logits)
+            hi = min(c + s.num_tokens, seq.num_prompt_tokens - 1)
+            if lo < hi:
+                at = int(first[i]) + lo - c
+                prompt[i] = (lo, self._logits(hidden[at : at + hi - lo]))
+        return StepLogits(logits, prompt)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.logits(hidden).float()
         if self.vocab_limit is not None:
             logits[:, self.vocab_limit :] = float("-inf")
         return logits
+
+
+@dataclass
+class StepLogits:
+    """What a step's forward pass yields.
+
+    ``sample``: ``[S, V]`` float32 logits of the last position of each chunk that completes its
+    sequence, in schedule order (a token is sampled from each row).
+    ``prompt``: scheduled index -> ``(start, logits [m, V])`` for chunks of sequences that need
+    prompt logits: positions ``start .. start + m - 1`` of the sequence, where position ``p``'s
+    logits predict prompt token ``p + 1``; only positions below ``num_prompt_tokens - 1`` that
+    were not handed out before (``Sequence.num_prompt_logits``), so after a preemption nothing
+    is repeated. Raw logits (beyond-vocabulary ids masked to ``-inf``).
+    """
+
+    sample: torch.Tensor
+    prompt: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 import time
 
+from prefix_index import block_hashes
+
 from .detokenizer import IncrementalDetokenizer
 from .outputs import FinishReason, RequestOutput
 from .sampling_params import SamplingParams
@@ -34,6 +36,7 @@ class Sequence:
         params: SamplingParams,
         detokenizer: IncrementalDetokenizer,
         arrival_time: float | None = None,
+        cache_salt: bytes = b"",
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -44,12 +47,36 @@ class Sequence:
         self.block_ids: list[int] = []
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
+        # Prefix caching: the tenant namespace, the chained hashes of the full blocks hashed so
+        # far (each block hashed once, continuing the chain), how many leading blocks are in the
+        # index, whether the request was ever admitted (hits count once), and how often a cache
+        # hit was admitted ahead of it (bounds starvation).
+        self.cache_salt = cache_salt
+        self.block_hashes: list[bytes] = []
+        self.num_published_blocks = 0
+        self.admitted = False
+        self.num_skips = 0
         self.detokenizer = detokenizer
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
+        # Outputs beyond tokens: the stop token id or string that finished the request, the
+        # logprobs asked for, how much text earlier outputs carried (for ``delta_text``).
+        self.stop_reason: int | str | None = None
+        want_lp = params.logprobs is not None
+        self.logprobs: list[dict[int, float]] | None = [] if want_lp else None
+        self.cumulative_logprob: float | None = 0.0 if want_lp else None
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None
+        )
+        # Logits of every prompt position are needed (prompt_logprobs, or teacher-forced
+        # scoring); ``num_prompt_logits`` counts the leading positions already handed out, so a
+        # recomputation after preemption does not repeat them.
+        self.capture_prompt_logits = False
+        self.num_prompt_logits = 0
+        self._text_reported = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -66,10 +93,34 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def append_token(self, token_id: int) -> None:
+    def hashes_for(self, num_blocks: int, block_size: int) -> list[bytes]:
+        """Chained hashes of the first ``num_blocks`` full blocks, computing only new ones."""
+        have = len(self.block_hashes)
+        if num_blocks > have:
+            tokens = self.token_ids[have * block_size : num_blocks * block_size]
+            parent = self.block_hashes[-1] if have else None
+            self.block_hashes += block_hashes(tokens, block_size, self.cache_salt, parent=parent)
+        return self.block_hashes[:num_blocks]
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """True while prompt positions still need their logits computed and handed out (such
+        a request must compute its whole prompt, not reuse cached blocks)."""
+        wanted = self.params.prompt_logprobs is not None or self.capture_prompt_logits
+        return wanted and self.num_prompt_logits < self.num_prompt_tokens - 1
+
+    def append_token(
+        self, token_id: int, logprobs: dict[int, float] | None = None, detokenize: bool = True
+    ) -> None:
+        """Add a generated token (its text unless ``detokenize`` is False: stop tokens are not
+        shown) and, when the request asked for them, its logprobs."""
         self.token_ids.append(token_id)
         self.output_token_ids.append(token_id)
-        self.detokenizer.append(token_id)
+        if detokenize:
+            self.detokenizer.append(token_id)
+        if self.logprobs is not None and logprobs is not None:
+            self.logprobs.append(logprobs)
+            self.cumulative_logprob = (self.cumulative_logprob or 0.0) + logprobs[token_id]
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
 
@@ -78,13 +129,17 @@ class Sequence:
         self.finish_reason = reason
         self.error = error
         self.finish_time = time.monotonic()
+        self.detokenizer.flush()
 
     def to_output(self) -> RequestOutput:
+        """A snapshot for the caller; ``delta_text`` is the text added since the previous call."""
+        text = self.detokenizer.text
+        delta, self._text_reported = text[self._text_reported :], len(text)
         return RequestOutput(
             request_id=self.request_id,
             prompt_token_ids=list(self.prompt_token_ids),
             token_ids=list(self.output_token_ids),
-            text=self.detokenizer.text,
+            text=text,
             finished=self.finished,
             finish_reason=self.finish_reason,
             error=self.error,
@@ -92,4 +147,9 @@ class Sequence:
             first_token_time=self.first_token_time,
             finish_time=self.finish_time,
             num_cached_tokens=self.num_cached_tokens,
+            delta_text=delta,
+            stop_reason=self.stop_reason,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
+            cumulative_logprob=self.cumulative_logprob,
         )
