@@ -1,3 +1,27 @@
-"""kvquant: not implemented yet; see the package README."""
+"""kvquant: the quantized paged-KV format and the kernels that write and read it.
+
+K/V are stored per token and head as bits 0 (the cache dtype), 8 (uint8) or 4 (two codes per
+byte) with an asymmetric ``(scale, min)``; ``write`` quantizes on the way in and ``attention``
+de-quantizes inside the kernel. Triton runs on CUDA tensors, vectorized torch on the CPU.
+"""
+
+from .api import Backend, attention, dequantize, quantize, resolve_backend, write
+from .kv_cache import CACHE_DTYPES, KVCache
+from .quantization import EPS, SUPPORTED_BITS, scale_zero_dtype
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CACHE_DTYPES",
+    "EPS",
+    "SUPPORTED_BITS",
+    "Backend",
+    "KVCache",
+    "__version__",
+    "attention",
+    "dequantize",
+    "quantize",
+    "resolve_backend",
+    "scale_zero_dtype",
+    "write",
+]

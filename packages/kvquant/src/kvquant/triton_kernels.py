@@ -1,0 +1,638 @@
+"""Triton kernels: quantize-on-write, dequantize, and paged attention over the quantized cache.
+
+Written to compile for a GPU and to run under the Triton interpreter (``TRITON_INTERPRET=1``)
+on the CPU, which forgives what the compiler refuses. Hence, throughout:
+
+- every block shape is a power of two and ragged edges are masked;
+- ``tl.dot`` operands are at least 16 in every dimension: the GQA group of query heads that
+  share a KV head is padded up to 16 rows (several query tokens times the padded group);
+- only ``tl.exp2`` (no libdevice); bfloat16 loads are cast to float32 before any arithmetic;
+- 4-bit codes are unpacked with shifts and masks. Channel ``d`` sits in the low nibble and
+  ``d + D/2`` in the high nibble, so the two nibbles are two contiguous halves of the head:
+  attention does ``q_lo . k_lo + q_hi . k_hi`` and never interleaves.
+
+Quantization matches :mod:`kvquant.quantization`: scale and min are rounded to their storage
+dtype first and the codes computed against the stored values (a code may still differ by one
+from torch where float32 division rounds differently on a rounding edge).
+
+The entry points take validated inputs (see :mod:`kvquant.api`) and never read device values
+on the host, so they do not synchronize the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton  # type: ignore[import-untyped]
+import triton.language as tl  # type: ignore[import-untyped]
+
+from .kv_cache import KVCache
+from .quantization import EPS, code_dim, qmax, scale_zero_dtype
+
+__all__ = ["attention_triton", "dequantize_triton", "quantize_triton", "write_triton"]
+
+_TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+}
+
+
+def _pow2(n: int, at_least: int = 1) -> int:
+    return max(at_least, int(triton.next_power_of_2(n)))
+
+
+def _jit(fn: Callable[..., object]) -> Any:
+    """``triton.jit`` (compiled, or interpreted under TRITON_INTERPRET=1), typed for mypy.
+
+    Kernel parameters are annotated ``tl.tensor`` (pointers and runtime scalars) or
+    ``tl.constexpr``; Triton only specializes on annotations naming a dtype, so ``tl.tensor``
+    changes nothing at launch.
+    """
+    return triton.jit(fn)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# quantize / write
+# --------------------------------------------------------------------------------------------
+
+EPS_VALUE = tl.constexpr(EPS)
+
+
+@_jit
+def _quantize_tile(
+    x_lo: tl.tensor,
+    x_hi: tl.tensor,
+    mask_lo: tl.tensor,
+    mask_hi: tl.tensor,
+    BITS: tl.constexpr,
+    SZ_DTYPE: tl.constexpr,
+) -> Any:
+    """Codes and stored (scale, min) of rows ``[x_lo | x_hi]`` (``x_hi`` unused for bits 8)."""
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    mn = tl.min(tl.where(mask_lo, x_lo, float("inf")), axis=1)
+    mx = tl.max(tl.where(mask_lo, x_lo, float("-inf")), axis=1)
+    if BITS == 4:
+        mn = tl.minimum(mn, tl.min(tl.where(mask_hi, x_hi, float("inf")), axis=1))
+        mx = tl.maximum(mx, tl.max(tl.where(mask_hi, x_hi, float("-inf")), axis=1))
+    scale = tl.maximum((mx - mn) / QMAX, EPS_VALUE)
+    # Round scale and min to their storage dtype first: codes are computed against the
+    # values a reader will see.
+    scale_s = scale.to(SZ_DTYPE).to(tl.float32)
+    mn_s = mn.to(SZ_DTYPE).to(tl.float32)
+    # Clamped to [0, QMAX] before the cast, so truncation equals floor.
+    q_lo = tl.minimum(tl.maximum((x_lo - mn_s[:, None]) / scale_s[:, None] + 0.5, 0.0), QMAX)
+    codes = q_lo.to(tl.int32)
+    if BITS == 4:
+        q_hi = tl.minimum(tl.maximum((x_hi - mn_s[:, None]) / scale_s[:, None] + 0.5, 0.0), QMAX)
+        codes = codes | (q_hi.to(tl.int32) << 4)
+    return codes.to(tl.uint8), scale_s, mn_s
+
+
+@_jit
+def _write_kernel(
+    x_ptr: tl.tensor,  # [T, H, D] source values (last dim contiguous)
+    slot_ptr: tl.tensor,  # int64 [T] destination row groups; unused when not HAS_SLOTS
+    codes_ptr: tl.tensor,  # [rows, H, DC] destination (uint8 codes, or values for bits 0)
+    sz_ptr: tl.tensor,  # [rows, H, 2] destination (scale, min); unused for bits 0
+    stride_xt: tl.tensor,
+    stride_xh: tl.tensor,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # power of two >= the stored width DC
+) -> None:
+    """One program per token: every head of token ``t`` goes to row ``slot[t]`` (or ``t``)."""
+    t = tl.program_id(0).to(tl.int64)
+    row = t
+    if HAS_SLOTS:
+        row = tl.load(slot_ptr + t)
+    if row < 0:  # padding token
+        return
+    h = tl.arange(0, BLOCK_H)
+    c = tl.arange(0, BLOCK_C)
+    DC: tl.constexpr = D // 2 if BITS == 4 else D
+    mask = (h[:, None] < H) & (c[None, :] < DC)
+    src = x_ptr + t * stride_xt + h[:, None] * stride_xh + c[None, :]
+    dst_row = row * H + h  # int64: the cache can exceed 2**31 elements
+    dst = codes_ptr + dst_row[:, None] * DC + c[None, :]
+    if BITS == 0:
+        x = tl.load(src, mask=mask)
+        tl.store(dst, x.to(codes_ptr.dtype.element_ty), mask=mask)
+    else:
+        x_lo = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        x_hi = x_lo
+        if BITS == 4:
+            x_hi = tl.load(src + DC, mask=mask, other=0.0).to(tl.float32)
+        codes, scale_s, mn_s = _quantize_tile(x_lo, x_hi, mask, mask, BITS, sz_ptr.dtype.element_ty)
+        tl.store(dst, codes, mask=mask)
+        hmask = h < H
+        tl.store(sz_ptr + dst_row * 2, scale_s.to(sz_ptr.dtype.element_ty), mask=hmask)
+        tl.store(sz_ptr + dst_row * 2 + 1, mn_s.to(sz_ptr.dtype.element_ty), mask=hmask)
+
+
+def _launch_write(
+    x: torch.Tensor,
+    slots: torch.Tensor | None,
+    codes: torch.Tensor,
+    scale_zero: torch.Tensor | None,
+    bits: int,
+) -> None:
+    """``x`` is ``[T, H, D]`` with a contiguous last dim; outputs are contiguous."""
+    t, h, d = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    sz = scale_zero if scale_zero is not None else codes  # placeholder pointer for bits 0
+    _write_kernel[(t,)](
+        x,
+        slots if slots is not None else codes,
+        codes,
+        sz,
+        x.stride(0),
+        x.stride(1),
+        H=h,
+        D=d,
+        BITS=bits,
+        HAS_SLOTS=slots is not None,
+        BLOCK_H=_pow2(h),
+        BLOCK_C=_pow2(code_dim(d, bits)),
+    )
+
+
+def write_triton(
+    cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Fused quantize-and-scatter of ``k``, ``v`` ``[T, kv_heads, D]`` into their slots."""
+    for src, dst, sz in (
+        (k, cache.k[layer], cache.k_scale_zero[layer]),
+        (v, cache.v[layer], cache.v_scale_zero[layer]),
+    ):
+        _launch_write(src, slot_mapping, dst, sz, cache.bits)
+
+
+def quantize_triton(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kvquant.quantize` in Triton (``x[..., D]``, validated by the caller)."""
+    qmax(bits)
+    d = x.shape[-1]
+    lead = x.shape[:-1]
+    if x.dtype == torch.float64:
+        x = x.to(torch.float32)  # scale_zero is float32 for float64 input, as in torch
+    rows = x.reshape(-1, 1, d)
+    codes = torch.empty(*lead, code_dim(d, bits), dtype=torch.uint8, device=x.device)
+    sz = torch.empty(*lead, 2, dtype=scale_zero_dtype(x.dtype), device=x.device)
+    if rows.shape[0]:
+        _launch_write(rows, None, codes, sz, bits)
+    return codes, sz
+
+
+@_jit
+def _dequantize_kernel(
+    codes_ptr: tl.tensor,  # uint8 [N, DC]
+    sz_ptr: tl.tensor,  # [N, 2]
+    out_ptr: tl.tensor,  # [N, D]
+    N: tl.tensor,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    CLAMP: tl.constexpr,  # clamp to +-CLAMP before the cast (float16 output), 0 = no clamp
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+) -> None:
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_C)
+    DC: tl.constexpr = D // 2 if BITS == 4 else D
+    rmask = r < N
+    mask = rmask[:, None] & (c[None, :] < DC)
+    raw = tl.load(codes_ptr + r[:, None] * DC + c[None, :], mask=mask, other=0).to(tl.int32)
+    s = tl.load(sz_ptr + r * 2, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    m = tl.load(sz_ptr + r * 2 + 1, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    if BITS == 4:
+        lo = (raw & 0xF).to(tl.float32) * s + m
+        hi = ((raw >> 4) & 0xF).to(tl.float32) * s + m
+        if CLAMP > 0:
+            lo = tl.minimum(tl.maximum(lo, -CLAMP), CLAMP)
+            hi = tl.minimum(tl.maximum(hi, -CLAMP), CLAMP)
+        dst = out_ptr + r[:, None] * D + c[None, :]
+        tl.store(dst, lo.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + DC, hi.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        x = raw.to(tl.float32) * s + m
+        if CLAMP > 0:
+            x = tl.minimum(tl.maximum(x, -CLAMP), CLAMP)
+        tl.store(out_ptr + r[:, None] * D + c[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_triton(
+    codes: torch.Tensor, scale_zero: torch.Tensor, bits: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`kvquant.dequantize` in Triton (validated by the caller)."""
+    dc = codes.shape[-1]
+    d = 2 * dc if bits == 4 else dc
+    # float16 is written by the kernel; bfloat16 (which the interpreter rounds by truncation)
+    # and float64 are cast from float32 by torch, so every backend rounds the same way.
+    out_dtype = torch.float16 if dtype == torch.float16 else torch.float32
+    out = torch.empty(*codes.shape[:-1], d, dtype=out_dtype, device=codes.device)
+    flat_codes = codes.reshape(-1, dc).contiguous()
+    n = flat_codes.shape[0]
+    if n:
+        block_r = 16
+        clamp = torch.finfo(torch.float16).max if dtype == torch.float16 else 0.0
+        _dequantize_kernel[(triton.cdiv(n, block_r),)](
+            flat_codes,
+            scale_zero.reshape(-1, 2).contiguous(),
+            out,
+            n,
+            D=d,
+            BITS=bits,
+            CLAMP=clamp,
+            BLOCK_R=block_r,
+            BLOCK_C=_pow2(dc),
+        )
+    return out.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+
+
+@_jit
+def _find_sequence(
+    tile: tl.tensor, cu_tiles_ptr: tl.tensor, num_seqs: tl.tensor, SEARCH_STEPS: tl.constexpr
+) -> Any:
+    """Sequence ``b`` with ``cu_tiles[b] <= tile < cu_tiles[b + 1]`` (binary search).
+
+    The grid is an upper bound on the number of query tiles (known on the host without
+    reading the lengths), so each program finds its sequence on the device.
+    """
+    lo = tile * 0
+    hi = lo + num_seqs
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        go = tl.load(cu_tiles_ptr + mid) <= tile
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid)
+    return lo
+
+
+@_jit
+def _mm(a: tl.tensor, b: tl.tensor, DOT_DTYPE: tl.constexpr) -> Any:
+    """``a @ b`` with float32 accumulation; exact float32 products when DOT_DTYPE is float32."""
+    if tl.float32 == DOT_DTYPE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+
+
+@_jit
+def _load_kv(
+    base_ptr: tl.tensor,
+    sz_ptr: tl.tensor,
+    row: tl.tensor,
+    row_ok: tl.tensor,
+    c: tl.tensor,
+    mask: tl.tensor,
+    BITS: tl.constexpr,
+    HALF: tl.constexpr,
+    DC: tl.constexpr,
+) -> Any:
+    """De-quantized float32 tile ``[BLOCK_N, BLOCK_C]`` of cache rows ``row`` (int64).
+
+    For bits 4, ``HALF`` 0 returns channels ``[0, D/2)`` (low nibbles) and 1 returns
+    ``[D/2, D)`` (high nibbles). Masked entries are 0, never garbage.
+    """
+    raw = tl.load(base_ptr + row[:, None] * DC + c[None, :], mask=mask, other=0)
+    if BITS == 0:
+        x = raw.to(tl.float32)
+    else:
+        codes = raw.to(tl.int32)
+        if BITS == 4:
+            codes = (codes >> (4 * HALF)) & 0xF  # HALF 0: low nibble, 1: high nibble
+        s = tl.load(sz_ptr + row * 2, mask=row_ok, other=0.0).to(tl.float32)
+        m = tl.load(sz_ptr + row * 2 + 1, mask=row_ok, other=0.0).to(tl.float32)
+        x = codes.to(tl.float32) * s[:, None] + m[:, None]
+    # Slots past a sequence's end may hold NaN; 0 keeps p * v finite.
+    return tl.where(mask, x, 0.0)
+
+
+@_jit
+def _attention_kernel(
+    q_ptr: tl.tensor,
+    out_ptr: tl.tensor,
+    k_ptr: tl.tensor,
+    v_ptr: tl.tensor,
+    ksz_ptr: tl.tensor,
+    vsz_ptr: tl.tensor,
+    block_tables_ptr: tl.tensor,
+    seq_lens_ptr: tl.tensor,
+    query_lens_ptr: tl.tensor,
+    cu_q_ptr: tl.tensor,  # int32 [B + 1]: first token of each sequence in q
+    cu_tiles_ptr: tl.tensor,  # int32 [B + 1]: first query tile of each sequence
+    part_acc_ptr: tl.tensor,  # float32 [tiles, KVH, NUM_SPLITS, ROWS, D] (split-K only)
+    part_ml_ptr: tl.tensor,  # float32 [tiles, KVH, NUM_SPLITS, ROWS, 2] (split-K only)
+    scale_log2: tl.tensor,  # softmax_scale * log2(e)
+    num_seqs: tl.tensor,
+    stride_qt: tl.tensor,
+    stride_qh: tl.tensor,
+    stride_ot: tl.tensor,
+    stride_oh: tl.tensor,
+    stride_bt: tl.tensor,
+    KVH: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    CACHE_BLOCK: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # power of two >= D (bits 0/8) or D/2 (bits 4), >= 16
+    NUM_SPLITS: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+) -> None:
+    """One program per (query tile of one sequence, KV head, KV split).
+
+    Rows are ``BLOCK_Q`` query tokens x ``BLOCK_G`` (padded) query heads of the KV head's
+    group; an online softmax runs over the sequence's keys up to the tile's last position.
+    With ``NUM_SPLITS > 1`` the keys are cut into that many ranges and partial results go to
+    scratch for :func:`_combine_kernel` (flash-decoding).
+    """
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    if tile >= tl.load(cu_tiles_ptr + num_seqs):
+        return
+    b = _find_sequence(tile, cu_tiles_ptr, num_seqs, SEARCH_STEPS)
+    q_len = tl.load(query_lens_ptr + b)
+    seq_len = tl.load(seq_lens_ptr + b)
+    m0 = (tile - tl.load(cu_tiles_ptr + b)) * BLOCK_Q
+    ctx = seq_len - q_len
+
+    ROWS: tl.constexpr = BLOCK_Q * BLOCK_G
+    DC: tl.constexpr = D // 2 if BITS == 4 else D
+    r = tl.arange(0, ROWS)
+    qi = r // BLOCK_G
+    gi = r % BLOCK_G
+    row_ok = (m0 + qi < q_len) & (gi < G)
+    tok = (tl.load(cu_q_ptr + b) + m0 + qi).to(tl.int64)
+    head = kvh * G + gi
+    qpos = ctx + m0 + qi
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < DC
+    qmask = row_ok[:, None] & cmask[None, :]
+    q_off = tok[:, None] * stride_qt + head[:, None] * stride_qh + c[None, :]
+    q_lo = tl.load(q_ptr + q_off, mask=qmask, other=0.0).to(tl.float32)
+    q_hi = q_lo
+    if BITS == 4:
+        q_hi = tl.load(q_ptr + q_off + DC, mask=qmask, other=0.0).to(tl.float32)
+
+    kv_end = tl.minimum(seq_len, ctx + m0 + BLOCK_Q)  # keys the tile's last token sees
+    n_tiles = tl.cdiv(kv_end, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    j_start = split * per_split
+    j_stop = tl.minimum(n_tiles, j_start + per_split)
+
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc_lo = tl.zeros([ROWS, BLOCK_C], tl.float32)
+    acc_hi = tl.zeros([ROWS, BLOCK_C], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    for jt in range(j_start, j_stop):
+        j = jt * BLOCK_N + n
+        j_ok = j < kv_end
+        blk = tl.load(block_tables_ptr + b * stride_bt + j // CACHE_BLOCK, mask=j_ok, other=0)
+        row = (blk.to(tl.int64) * CACHE_BLOCK + j % CACHE_BLOCK) * KVH + kvh
+        kmask = j_ok[:, None] & cmask[None, :]
+        k_lo = _load_kv(k_ptr, ksz_ptr, row, j_ok, c, kmask, BITS, 0, DC)
+        s = _mm(q_lo, tl.trans(k_lo), DOT_DTYPE)
+        if BITS == 4:
+            k_hi = _load_kv(k_ptr, ksz_ptr, row, j_ok, c, kmask, BITS, 1, DC)
+            s += _mm(q_hi, tl.trans(k_hi), DOT_DTYPE)
+        s = s * scale_log2
+        allowed = (j[None, :] <= qpos[:, None]) & j_ok[None, :]
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row with no allowed key yet keeps m = -inf; exp2 against 0 keeps it NaN-free.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_lo = _load_kv(v_ptr, vsz_ptr, row, j_ok, c, kmask, BITS, 0, DC)
+        acc_lo = acc_lo * alpha[:, None] + _mm(p, v_lo, DOT_DTYPE)
+        if BITS == 4:
+            v_hi = _load_kv(v_ptr, vsz_ptr, row, j_ok, c, kmask, BITS, 1, DC)
+            acc_hi = acc_hi * alpha[:, None] + _mm(p, v_hi, DOT_DTYPE)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        inv = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)
+        o_off = tok[:, None] * stride_ot + head[:, None] * stride_oh + c[None, :]
+        dty = out_ptr.dtype.element_ty
+        tl.store(out_ptr + o_off, (acc_lo * inv[:, None]).to(dty), mask=qmask)
+        if BITS == 4:
+            tl.store(out_ptr + o_off + DC, (acc_hi * inv[:, None]).to(dty), mask=qmask)
+    else:
+        part = ((tile.to(tl.int64) * KVH + kvh) * NUM_SPLITS + split) * ROWS + r
+        a_off = part[:, None] * D + c[None, :]
+        amask = cmask[None, :] & (r[:, None] >= 0)
+        tl.store(part_acc_ptr + a_off, acc_lo, mask=amask)
+        if BITS == 4:
+            tl.store(part_acc_ptr + a_off + DC, acc_hi, mask=amask)
+        tl.store(part_ml_ptr + part * 2, m_i)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i)
+
+
+@_jit
+def _combine_kernel(
+    out_ptr: tl.tensor,
+    cu_q_ptr: tl.tensor,
+    query_lens_ptr: tl.tensor,
+    cu_tiles_ptr: tl.tensor,
+    part_acc_ptr: tl.tensor,
+    part_ml_ptr: tl.tensor,
+    num_seqs: tl.tensor,
+    stride_ot: tl.tensor,
+    stride_oh: tl.tensor,
+    KVH: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+) -> None:
+    """Merge the ``NUM_SPLITS`` partial softmax results of one (query tile, KV head)."""
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    if tile >= tl.load(cu_tiles_ptr + num_seqs):
+        return
+    b = _find_sequence(tile, cu_tiles_ptr, num_seqs, SEARCH_STEPS)
+    q_len = tl.load(query_lens_ptr + b)
+    m0 = (tile - tl.load(cu_tiles_ptr + b)) * BLOCK_Q
+    ROWS: tl.constexpr = BLOCK_Q * BLOCK_G
+    r = tl.arange(0, ROWS)
+    qi = r // BLOCK_G
+    gi = r % BLOCK_G
+    row_ok = (m0 + qi < q_len) & (gi < G)
+    tok = (tl.load(cu_q_ptr + b) + m0 + qi).to(tl.int64)
+    head = kvh * G + gi
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+
+    m_run = tl.full([ROWS], float("-inf"), tl.float32)
+    l_run = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    base = (tile.to(tl.int64) * KVH + kvh) * NUM_SPLITS
+    for sp in range(NUM_SPLITS):
+        part = (base + sp) * ROWS + r
+        m_s = tl.load(part_ml_ptr + part * 2)
+        l_s = tl.load(part_ml_ptr + part * 2 + 1)
+        a_s = tl.load(part_acc_ptr + part[:, None] * D + d[None, :], mask=dmask[None, :], other=0.0)
+        m_new = tl.maximum(m_run, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w_run = tl.exp2(m_run - m_safe)
+        w_s = tl.exp2(m_s - m_safe)
+        l_run = l_run * w_run + l_s * w_s
+        acc = acc * w_run[:, None] + a_s * w_s[:, None]
+        m_run = m_new
+    inv = 1.0 / tl.where(l_run > 0.0, l_run, 1.0)
+    o_off = tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    tl.store(
+        out_ptr + o_off,
+        (acc * inv[:, None]).to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & dmask[None, :],
+    )
+
+
+def _num_splits(device: torch.device, programs: int, max_kv: int, block_n: int) -> int:
+    """KV splits so that few, long decode sequences still fill the GPU (flash-decoding)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, max(programs, 1))
+    # Each split should get several KV tiles, or the combine step costs more than it saves.
+    cap = max(1, max_kv // (4 * block_n))
+    return int(max(1, min(want, cap, 16)))
+
+
+def attention_triton(
+    q: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_lens: torch.Tensor,
+    softmax_scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """:func:`kvquant.attention` in Triton; ``num_splits`` overrides the split-K heuristic.
+
+    No device value is read on the host: the launch grid is an upper bound on the number of
+    query tiles (``cdiv(T, BLOCK_Q) + B``); surplus programs exit at once.
+    """
+    t, num_heads, d = q.shape
+    batch = seq_lens.shape[0]
+    kvh = cache.num_kv_heads
+    g = num_heads // kvh
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    block_g = _pow2(g)
+    # Decode-heavy batches: few query tokens per sequence, so small tiles; prefill: 64 rows.
+    rows = 16 if t <= 2 * batch else 64
+    block_q = max(1, rows // block_g)
+    block_n = 64 if cache.block_size >= 64 else 32
+    block_c = _pow2(code_dim(d, cache.bits), at_least=16)
+
+    zero = torch.zeros(1, dtype=torch.int32, device=q.device)
+    cu_q = torch.cat([zero, torch.cumsum(query_lens, 0, dtype=torch.int32)])
+    n_tiles = (query_lens + (block_q - 1)) // block_q
+    cu_tiles = torch.cat([zero, torch.cumsum(n_tiles, 0, dtype=torch.int32)])
+    grid_tiles = triton.cdiv(t, block_q) + batch
+    max_kv = block_tables.shape[1] * cache.block_size
+    splits = num_splits or _num_splits(q.device, grid_tiles * kvh, max_kv, block_n)
+    search_steps = max(1, math.ceil(math.log2(batch + 1)))
+
+    if q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreting()):
+        dot_dtype = tl.float32  # the interpreter mishandles bfloat16 arithmetic
+    else:
+        dot_dtype = _TL_DTYPES[q.dtype]
+    k, v = cache.k[layer], cache.v[layer]
+    ksz = cache.k_scale_zero[layer]
+    vsz = cache.v_scale_zero[layer]
+    row_count = block_q * block_g
+    if splits > 1:
+        part_acc = torch.empty(
+            grid_tiles * kvh * splits * row_count * d, dtype=torch.float32, device=q.device
+        )
+        part_ml = torch.empty(
+            grid_tiles * kvh * splits * row_count * 2, dtype=torch.float32, device=q.device
+        )
+    else:
+        part_acc = part_ml = out  # unused placeholders
+    _attention_kernel[(grid_tiles, kvh, splits)](
+        q,
+        out,
+        k,
+        v,
+        ksz if ksz is not None else k,
+        vsz if vsz is not None else v,
+        block_tables,
+        seq_lens,
+        query_lens,
+        cu_q,
+        cu_tiles,
+        part_acc,
+        part_ml,
+        softmax_scale * math.log2(math.e),
+        batch,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        KVH=kvh,
+        G=g,
+        D=d,
+        BITS=cache.bits,
+        CACHE_BLOCK=cache.block_size,
+        BLOCK_Q=block_q,
+        BLOCK_G=block_g,
+        BLOCK_N=block_n,
+        BLOCK_C=block_c,
+        NUM_SPLITS=splits,
+        SEARCH_STEPS=search_steps,
+        DOT_DTYPE=dot_dtype,
+    )
+    if splits > 1:
+        _combine_kernel[(grid_tiles, kvh)](
+            out,
+            cu_q,
+            query_lens,
+            cu_tiles,
+            part_acc,
+            part_ml,
+            batch,
+            out.stride(0),
+            out.stride(1),
+            KVH=kvh,
+            G=g,
+            D=d,
+            BLOCK_Q=block_q,
+            BLOCK_G=block_g,
+            BLOCK_D=_pow2(d),
+            NUM_SPLITS=splits,
+            SEARCH_STEPS=search_steps,
+        )
+    return out
