@@ -1,0 +1,127 @@
+"""Every ``EngineConfig`` field as a command-line flag, derived from the dataclass itself.
+
+``add_engine_args`` adds ``--<field-name>`` for each field of ``EngineConfig`` (except ``model``,
+which is positional), so a field the engine gains later becomes a flag with no change here.
+Flags left out keep the engine's defaults; ``none`` sets an optional field to None; booleans get
+``--x / --no-x``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from paged_engine import EngineConfig
+
+__all__ = ["ENGINE_FLAG_HELP", "add_engine_args", "engine_config_from_args"]
+
+# Help for the fields known today; a new field gets a generic line.
+ENGINE_FLAG_HELP: Mapping[str, str] = {
+    "device": "auto (the default: CUDA when available, else CPU), cpu or cuda[:N]",
+    "dtype": "weights and activations: auto (the default: bfloat16 on CUDA, float32 on CPU), "
+    "float32, float16 or bfloat16",
+    "block_size": "tokens per KV block (a power of two)",
+    "quant_policy": "KV cache quantization: 0 (none), 8 (int8) or 4 (int4)",
+    "enable_prefix_caching": "reuse the KV blocks of already computed prompt prefixes",
+    "cache_size_limit": "fraction of free memory given to KV blocks, in (0, 1] (default: 0.8 of "
+    "free GPU memory; on CPU 0.5 of available RAM, at most 4 GiB)",
+    "num_blocks": "number of KV blocks (overrides --cache-size-limit)",
+    "max_batch_size": "most sequences per step (default: 256 on GPU, 64 on CPU)",
+    "max_num_batched_tokens": "token budget per step; long prompts are prefilled in chunks "
+    "(default: 8192 on GPU, 512 on CPU)",
+    "max_model_len": "longest sequence, prompt plus output (default: the model's, at most 8192)",
+    "eviction_policy": "which cached blocks go first when memory is needed: lru, lfu or hybrid",
+    "cache_ttl": "seconds an unused cached block may live; 'none' (the default): no limit",
+    "prefix_match_threshold": "fraction of a prompt that must be cached for a request to count "
+    "as a cache hit when scheduling",
+    "seed": "seed of the engine's random stream (requests with their own seed are independent)",
+}
+
+_SKIP = frozenset({"model"})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _converter(tp: Any) -> tuple[Callable[[str], Any] | None, bool, tuple[Any, ...] | None]:
+    """(parse function or None for booleans, whether None is allowed, choices) for a type."""
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    optional = False
+    if origin in (typing.Union, types.UnionType):
+        optional = type(None) in args
+        members = [a for a in args if a is not type(None)]
+    else:
+        members = [tp]
+    literal: list[Any] = []
+    for m in members:
+        if typing.get_origin(m) is typing.Literal:
+            literal.extend(typing.get_args(m))
+    if literal:
+        kinds = {type(v) for v in literal}
+        base: Callable[[str], Any] = int if kinds == {int} else str
+        return base, optional, tuple(literal)
+    if members == [bool]:
+        return None, optional, None
+    if int in members and float not in members and str not in members:
+        return int, optional, None
+    if float in members and str not in members:
+        return float, optional, None
+    return str, optional, None
+
+
+def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        return None if text.lower() == "none" else parse(text)
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Add a flag for every ``EngineConfig`` field but ``model``; unset flags parse to absent."""
+    hints = typing.get_type_hints(EngineConfig)
+    group = parser.add_argument_group("engine (EngineConfig)")
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in _SKIP or not f.init:
+            continue
+        parse, optional, choices = _converter(hints.get(f.name, str))
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = ENGINE_FLAG_HELP.get(f.name, f"EngineConfig.{f.name}")
+        if "default" not in text:
+            text = f"{text} [default: {'none' if default is None else default}]"
+        if parse is None:
+            group.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=text,
+            )
+            continue
+        group.add_argument(
+            _flag(f.name),
+            dest=f.name,
+            type=_optional(parse) if optional else parse,
+            choices=None if choices is None else ((*choices, None) if optional else choices),
+            default=argparse.SUPPRESS,
+            metavar=None if choices is None else "{" + ",".join(str(c) for c in choices) + "}",
+            help=text,
+        )
+
+
+def engine_config_from_args(args: argparse.Namespace, model: str | None) -> EngineConfig:
+    """An ``EngineConfig`` from the flags that were given (others keep their defaults).
+
+    Raises ``ValueError`` (from ``EngineConfig`` validation) for bad values.
+    """
+    names = {f.name for f in dataclasses.fields(EngineConfig)} - _SKIP
+    kwargs = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    if model is not None:
+        kwargs["model"] = model
+    return EngineConfig(**kwargs)

@@ -1,0 +1,336 @@
+"""OpenAI-compatible request and response bodies, and the OpenAI error body.
+
+Requests are parsed strictly from JSON (``"10"`` is not an integer, ``true`` is not a number);
+ranges are checked here so every violation becomes a 400 naming the offending field. Fields of
+the OpenAI API this server does not implement land in ``model_extra`` and are checked by
+``unsupported_fields``: null or empty values (and each field's documented default) pass,
+anything else is rejected rather than ignored.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
+
+__all__ = [
+    "APIError",
+    "ChatChoice",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatMessage",
+    "ChatStreamChoice",
+    "CompletionChoice",
+    "CompletionRequest",
+    "CompletionResponse",
+    "CompletionStreamResponse",
+    "DeltaMessage",
+    "ErrorBody",
+    "ErrorResponse",
+    "ModelCard",
+    "ModelList",
+    "PromptTokensDetails",
+    "UsageInfo",
+    "parse_request",
+    "unsupported_fields",
+]
+
+_M = TypeVar("_M", bound="BaseModel")
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorBody
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error body and an HTTP status."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(
+            error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
+        )
+
+
+def parse_request(model: type[_M], raw: bytes) -> _M:
+    """Parse a JSON body into ``model``; raises ``APIError(400)`` naming the first bad field."""
+    try:
+        return model.model_validate_json(raw or b"", strict=True)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        if err["type"] in ("json_invalid", "json_type"):
+            raise APIError(
+                400, f"the request body is not valid JSON: {err['msg']}", code="invalid_json"
+            ) from None
+        loc = ".".join(str(p) for p in err["loc"])
+        if not loc:
+            raise APIError(400, f"the request body must be a JSON object: {err['msg']}") from None
+        kind = "missing_required_parameter" if err["type"] == "missing" else "invalid_value"
+        if err["type"] == "missing":
+            msg = f"'{loc}' is required"
+        else:
+            msg = f"invalid value for '{loc}': {err['msg']}"
+            if "input" in err and not isinstance(err["input"], (dict, list)):
+                msg += f" (got {err['input']!r})"
+        raise APIError(400, msg, param=loc, code=kind) from None
+
+
+# -- requests -------------------------------------------------------------------------------------
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = None
+
+
+class ContentPart(_Request):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Request):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+
+
+class _SamplingFields(_Request):
+    """Fields shared by both endpoints; each maps onto ``SamplingParams`` (see sampling.py)."""
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    n: int | None = Field(default=None, ge=1, le=128)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    cache_salt: str | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions``. ``prompt``: a string, a list of strings, a list of token ids,
+    or a list of token-id lists (a batch: choice ``i * n + j`` is prompt i's j-th sample)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool | None = None
+    best_of: int | None = Field(default=None, ge=1)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+# Documented defaults of OpenAI fields we do not implement: sending them is not using them.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "response_format": ({"type": "text"},),
+    "tool_choice": ("none", "auto"),
+    "parallel_tool_calls": (True,),
+    "store": (False,),
+    "logit_bias": ({},),
+}
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or value == "" or value == [] or value == {} or value is False
+
+
+def unsupported_fields(obj: BaseModel, prefix: str = "") -> list[str]:
+    """Names (dotted paths) of fields set to a non-empty, non-default value that this server
+    does not implement: unknown extra fields of ``obj`` and of its nested request objects."""
+    names: list[str] = []
+    for name, value in (obj.model_extra or {}).items():
+        if _is_empty(value) or any(value == v for v in _NEUTRAL.get(name, ())):
+            continue
+        names.append(prefix + name)
+    for name in type(obj).model_fields:
+        value = getattr(obj, name)
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, _Request):
+                where = f"{name}[{i}]" if isinstance(value, list) else name
+                names.extend(unsupported_fields(item, f"{prefix}{where}."))
+    return names
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    """A streamed chat delta; unset parts are left out of the JSON (as OpenAI does)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None}
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "llm-serve"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,170 @@
+"""Per-server settings and state: everything a route needs, held by the app, never global."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+
+from .async_engine import AsyncEngine
+from .protocol import APIError
+
+__all__ = ["ServerSettings", "ServerState", "get_state", "served_model_name"]
+
+logger = logging.getLogger(__name__)
+
+
+def served_model_name(spec: str) -> str:
+    """The model id clients use when ``--served-model-name`` is not given.
+
+    ``default`` stays ``default``; a directory gives its name, a ``.gguf`` file its stem;
+    ``dummy:<preset>`` stays as is and ``dummy:<dir>/config.json`` becomes ``dummy:<dir>``.
+    """
+    if spec.startswith("dummy:"):
+        shape = spec[len("dummy:") :].split(",", 1)[0]
+        if shape.endswith(".json"):
+            path = Path(shape)
+            name = (
+                path.parent.name if path.name == "config.json" and path.parent.name else path.stem
+            )
+            return f"dummy:{name}"
+        return f"dummy:{shape}"
+    if spec == "default":
+        return spec
+    path = Path(spec.rstrip("/\\"))
+    if path.suffix == ".gguf":
+        return path.stem
+    return path.name or spec
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the server behaves around the engine.
+
+    - ``model_name``: the id in ``/v1/models`` and the only ``model`` requests may name.
+    - ``max_queue``: most requests waiting to run; beyond it new requests get 429.
+    - ``request_timeout``: seconds a request may take in all; then it is aborted (504, or an
+      error event in a stream).
+    - ``shutdown_timeout``: seconds in-flight requests may keep running after SIGINT / SIGTERM.
+    """
+
+    model_name: str
+    max_queue: int = 1024
+    request_timeout: float = 600.0
+    shutdown_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ValueError("model_name must be non-empty")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if not self.request_timeout > 0:
+            raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
+        if not self.shutdown_timeout >= 0:
+            raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
+
+
+@dataclass
+class ServerState:
+    """What one app instance owns: its engine, its settings and its lifecycle flags.
+
+    ``draining`` is set when shutdown begins: new requests get 503 and, ``shutdown_timeout``
+    seconds later, requests still running are aborted.
+    """
+
+    engine: AsyncEngine
+    settings: ServerSettings
+    draining: bool = False
+    loop: asyncio.AbstractEventLoop | None = None
+    load_error_hooks: list[Callable[[BaseException], None]] = field(default_factory=list)
+    _drain_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    def load_failed(self, exc: BaseException) -> None:
+        """Called in the event loop when the model fails to load: runs ``load_error_hooks``."""
+        for hook in self.load_error_hooks:
+            hook(exc)
+
+    @property
+    def engine_model_spec(self) -> str | None:
+        """The engine's model spec (None until the model is loaded)."""
+        return self.engine.engine.config.model if self.engine.ready else None
+
+    def cache_namespace(self, request: Request, cache_salt: str) -> bytes:
+        """The prefix-cache namespace of ``request`` (``cache_salt``: its own salt, or "").
+
+        Requests share cached blocks only within one namespace; empty is the shared default.
+        Today it is the request's salt; a per-tenant prefix (a hash of the API key) goes here.
+        """
+        return cache_salt.encode("utf-8")
+
+    def check_available(self) -> None:
+        """Raise ``APIError(503)`` unless requests can be accepted now."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", type="service_unavailable")
+        if self.engine.fatal_error is not None:
+            raise APIError(
+                503, f"the engine failed: {self.engine.fatal_error}", type="service_unavailable"
+            )
+        if not self.engine.ready:
+            raise APIError(
+                503,
+                "the model is still loading; retry when /health answers 200"
+                if self.engine.load_error is None
+                else f"the model failed to load: {self.engine.load_error}",
+                type="service_unavailable",
+            )
+
+    def check_model(self, model: str) -> None:
+        """Raise ``APIError(404)`` unless ``model`` is the served model."""
+        if model != self.settings.model_name:
+            raise APIError(
+                404,
+                f"the model '{model}' does not exist; this server serves "
+                f"'{self.settings.model_name}' (see /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+
+    def begin_drain(self) -> None:
+        """Stop accepting requests; abort the ones still running after ``shutdown_timeout``.
+
+        Safe to call from a signal handler or any thread; later calls do nothing more.
+        """
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            self.draining = True
+            return
+        try:
+            loop.call_soon_threadsafe(self._start_drain)
+        except RuntimeError:  # the loop closed meanwhile
+            self.draining = True
+
+    def _start_drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        timeout = self.settings.shutdown_timeout
+        logger.info(
+            "shutting down: %d request(s) in flight get up to %.0f s to finish",
+            self.engine.num_unfinished,
+            timeout,
+        )
+        assert self.loop is not None
+        self._drain_timer = self.loop.call_later(timeout, self._abort_remaining)
+
+    def _abort_remaining(self) -> None:
+        if self.engine.num_unfinished:
+            logger.warning(
+                "shutdown timeout: aborting %d unfinished request(s)", self.engine.num_unfinished
+            )
+        self.engine.abort_all()
+
+
+def get_state(request: Request) -> ServerState:
+    """The ``ServerState`` of the app serving ``request``."""
+    state: ServerState = request.app.state.llm
+    return state

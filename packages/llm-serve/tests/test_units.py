@@ -1,0 +1,191 @@
+"""Unit tests: CLI flags from EngineConfig, request -> SamplingParams mapping, request parsing."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from llm_serve import cli, engine_args, sampling
+from llm_serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_request,
+    unsupported_fields,
+)
+from llm_serve.state import ServerSettings, served_model_name
+from paged_engine import EngineConfig, SamplingParams
+
+
+def _serve_args(*argv: str) -> argparse.Namespace:
+    return cli.build_parser().parse_args(["serve", *argv])
+
+
+def test_every_engine_config_field_is_a_flag() -> None:
+    parser = cli.build_parser()
+    serve = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    flags = {s for a in serve._actions for s in a.option_strings}
+    for f in dataclasses.fields(EngineConfig):
+        if f.name != "model":
+            assert "--" + f.name.replace("_", "-") in flags, f.name
+    for flag in (
+        "--host",
+        "--port",
+        "--served-model-name",
+        "--max-queue",
+        "--request-timeout",
+        "--shutdown-timeout",
+    ):
+        assert flag in flags
+
+
+def test_server_flag_defaults() -> None:
+    args = _serve_args()
+    assert (args.host, args.port, args.max_queue) == ("127.0.0.1", 8000, 1024)
+    assert (args.request_timeout, args.shutdown_timeout) == (600.0, 30.0)
+    assert args.model is None
+    assert engine_args.engine_config_from_args(args, args.model) == EngineConfig()
+
+
+def test_engine_flags_parse_into_the_config() -> None:
+    args = _serve_args(
+        "dummy:x.json",
+        "--quant-policy",
+        "8",
+        "--cache-size-limit",
+        "0.25",
+        "--max-batch-size",
+        "4",
+        "--num-blocks",
+        "none",
+        "--device",
+        "cpu",
+    )
+    cfg = engine_args.engine_config_from_args(args, args.model)
+    assert cfg.model == "dummy:x.json"
+    assert (cfg.quant_policy, cfg.cache_size_limit, cfg.max_batch_size) == (8, 0.25, 4)
+    assert cfg.num_blocks is None and cfg.device == "cpu"
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    if "enable_prefix_caching" in names:
+        args = _serve_args("--no-enable-prefix-caching", "--cache-ttl", "none")
+        cfg = engine_args.engine_config_from_args(args, None)
+        assert cfg.enable_prefix_caching is False
+        assert cfg.cache_ttl is None  # type: ignore[attr-defined]
+    with pytest.raises(SystemExit):
+        _serve_args("--max-batch-size", "many")
+    with pytest.raises(ValueError):
+        engine_args.engine_config_from_args(_serve_args("--quant-policy", "3"), None)
+    assert cli.main(["serve", "--quant-policy", "3"]) == 2
+
+
+@dataclass
+class _FutureConfig:
+    model: str = "default"
+    block_size: int = 16
+    new_knob: float | None = None
+    fancy_mode: bool = False
+    policy: Literal["a", "b"] = "a"
+
+
+def test_engine_flags_follow_the_dataclass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A field the engine gains later becomes a flag with no change to the CLI."""
+    monkeypatch.setattr(engine_args, "EngineConfig", _FutureConfig)
+    parser = argparse.ArgumentParser()
+    engine_args.add_engine_args(parser)
+    args = parser.parse_args(["--new-knob", "0.5", "--fancy-mode", "--policy", "b"])
+    cfg = engine_args.engine_config_from_args(args, "m")
+    assert cfg == _FutureConfig(model="m", new_knob=0.5, fancy_mode=True, policy="b")  # type: ignore[comparison-overlap]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--policy", "c"])
+
+
+@dataclass
+class _OldSamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+def _values(**body: object) -> dict[str, tuple[str, object]]:
+    req = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], **body}
+    )
+    return sampling.request_sampling_values(req)
+
+
+def test_unsupported_sampling_fields_are_refused_until_the_engine_has_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sampling, "SamplingParams", _OldSamplingParams)
+    with pytest.raises(APIError) as err:
+        sampling.sampling_params(_values(top_p=0.5))
+    assert err.value.status_code == 400 and err.value.param == "top_p"
+    assert "not supported" in err.value.message
+    with pytest.raises(APIError, match="stop"):
+        sampling.sampling_params(_values(stop="x"))
+    # neutral values pass
+    p = sampling.sampling_params(
+        _values(top_p=1.0, top_k=-1, stop=[], presence_penalty=0.0, logprobs=False, seed=3)
+    )
+    assert p == _OldSamplingParams(seed=3)  # type: ignore[comparison-overlap]
+    monkeypatch.undo()
+    p2 = sampling.sampling_params(_values(top_p=0.5, stop="x"))
+    assert isinstance(p2, SamplingParams)
+    assert getattr(p2, "top_p", None) == 0.5
+
+
+def test_sampling_mapping() -> None:
+    p = sampling.sampling_params(
+        _values(max_completion_tokens=7, temperature=0, seed=1), defaults={"max_tokens": 99}
+    )
+    assert (p.max_tokens, p.temperature, p.seed) == (7, 0, 1)
+    assert sampling.sampling_params(_values(), defaults={"max_tokens": 99}).max_tokens == 99
+    with pytest.raises(APIError, match="top_logprobs"):
+        _values(top_logprobs=2)
+    if "logprobs" in sampling.supported_sampling_fields():
+        assert sampling.sampling_params(_values(logprobs=True, top_logprobs=3)).logprobs == 3  # type: ignore[attr-defined]
+
+
+def test_parse_request_errors() -> None:
+    with pytest.raises(APIError) as e:
+        parse_request(CompletionRequest, b"{")
+    assert e.value.code == "invalid_json"
+    with pytest.raises(APIError) as e:
+        parse_request(CompletionRequest, b'{"model": "m", "prompt": "x", "max_tokens": true}')
+    assert e.value.param == "max_tokens"
+    with pytest.raises(APIError) as e:
+        parse_request(CompletionRequest, b'{"model": "m", "prompt": "x", "temperature": -0.5}')
+    assert e.value.param == "temperature"
+    ok = parse_request(CompletionRequest, b'{"model": "m", "prompt": [1, 2], "temperature": 1}')
+    assert ok.prompt == [1, 2] and ok.temperature == 1.0
+
+
+def test_unsupported_fields() -> None:
+    req = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "x", "audio": {"id": "a"}}],
+            "tools": [],
+            "tool_choice": "auto",
+            "response_format": {"type": "text"},
+            "functions": None,
+            "modalities": ["text", "audio"],
+        }
+    )
+    assert unsupported_fields(req) == ["modalities", "messages[0].audio"]
+
+
+def test_served_model_name() -> None:
+    assert served_model_name("default") == "default"
+    assert served_model_name("dummy:smollm2-135m") == "dummy:smollm2-135m"
+    assert served_model_name("dummy:/models/tiny/config.json") == "dummy:tiny"
+    assert served_model_name("dummy:/models/shape.json,tokenizer=default") == "dummy:shape"
+    assert served_model_name("/models/Qwen3-0.6B/") == "Qwen3-0.6B"
+    assert served_model_name("/m/SmolLM2.Q4_1.gguf") == "SmolLM2.Q4_1"
+    with pytest.raises(ValueError):
+        ServerSettings(model_name="m", max_queue=0)
