@@ -92,7 +92,7 @@ def test_stop_string_split_across_tokens_is_caught_and_cut(llama: tuple[Path, An
 
 
 def test_partial_stop_string_is_held_back_then_released(llama: tuple[Path, Any]) -> None:
-    ref_ids, ref_text = _reference(llama[0], 12)
+    _, ref_text = _reference(llama[0], 12)
     # The text ends with the first three characters of this stop string, which never completes
     # (the model's bytes are ASCII): those characters are held back until generation ends.
     stop = ref_text[-3:] + "é"
@@ -133,7 +133,7 @@ def test_stop_checker_helpers() -> None:
 
 SCRIPTS = {
     "latin": "Héllo wörld, façade naïve",
-    "cjk": "你好，世界。日本語のテキスト",
+    "cjk": "你好，世界。日本語のテキスト",  # noqa: RUF001
     "emoji": "ok 😀👍🏽🇫🇷 done",
     "arabic": "مرحبا بالعالم",
 }
@@ -219,11 +219,22 @@ def test_logprobs_match_transformers(llama: tuple[Path, Any]) -> None:
     engine = _engine(path, max_num_batched_tokens=5)  # chunked prefill
     params = [
         SamplingParams(max_tokens=8, temperature=0, logprobs=4, ignore_eos=True),
-        SamplingParams(max_tokens=8, temperature=1.0, seed=5, logprobs=2, ignore_eos=True,
-                       repetition_penalty=1.3, top_k=20),
+        SamplingParams(
+            max_tokens=8,
+            temperature=1.0,
+            seed=5,
+            logprobs=2,
+            ignore_eos=True,
+            repetition_penalty=1.3,
+            top_k=20,
+        ),
         SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=3, ignore_eos=True),
     ]
-    outs = engine.generate([PROMPT, PROMPT[:5], PROMPT + [7, 7, 8]], params, use_tqdm=False)
+    # The third prompt was seen before: a request for prompt logprobs must still compute every
+    # prompt position instead of reusing the cached blocks.
+    engine.generate([[9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11]], SamplingParams(max_tokens=1), use_tqdm=False)
+    prompts = [PROMPT, PROMPT[:5], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11]]
+    outs = engine.generate(prompts, params, use_tqdm=False)
     for out, p in zip(outs[:2], params[:2], strict=True):
         assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids)
         ref = _hf_logprobs(hf, out.prompt_token_ids + out.token_ids)
@@ -239,16 +250,17 @@ def test_logprobs_match_transformers(llama: tuple[Path, Any]) -> None:
             total += entry[tok]
         assert out.cumulative_logprob == pytest.approx(total)
     assert outs[2].logprobs is None and outs[2].cumulative_logprob is None
+    assert outs[2].num_cached_tokens == 0
 
     prompt_lp = outs[2].prompt_logprobs
     prompt = outs[2].prompt_token_ids
     assert prompt_lp is not None and len(prompt_lp) == len(prompt) and prompt_lp[0] is None
     ref = _hf_logprobs(hf, prompt)
     for j in range(1, len(prompt)):
-        entry = prompt_lp[j]
-        assert entry is not None and next(iter(entry)) == prompt[j]
-        assert set(entry) == {prompt[j], *ref[j - 1].topk(3).indices.tolist()}
-        for t, lp in entry.items():
+        p_entry = prompt_lp[j]
+        assert p_entry is not None and next(iter(p_entry)) == prompt[j]
+        assert set(p_entry) == {prompt[j], *ref[j - 1].topk(3).indices.tolist()}
+        for t, lp in p_entry.items():
             assert lp == pytest.approx(float(ref[j - 1, t]), abs=1e-4)
 
 
@@ -276,7 +288,8 @@ def test_score_yields_every_position_once(llama: tuple[Path, Any]) -> None:
     prompt = [(5 * j + 3) % 128 for j in range(20)]
     engine.add_request("bystander", [1, 2, 3], SamplingParams(max_tokens=30, ignore_eos=True))
     chunks = list(engine.score(prompt))
-    assert [s for s, _ in chunks] == [0, 6, 12, 18][: len(chunks)]
+    assert len(chunks) > 2  # prefilled in chunks, sharing steps with the other request
+    assert [s for s, _ in chunks] == [0] + [s + len(lg) for s, lg in chunks[:-1]]
     logits = torch.cat([lg for _, lg in chunks])
     assert logits.shape == (len(prompt) - 1, 128)
     with torch.no_grad():
@@ -289,3 +302,17 @@ def test_score_yields_every_position_once(llama: tuple[Path, Any]) -> None:
     while engine.has_unfinished():
         engine.step()
     assert engine.stats().num_blocks_used == 0
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy_in_the_engine(llama: tuple[Path, Any]) -> None:
+    ref_ids, _ = _reference(llama[0], 12)
+    engine = _engine(llama[0])
+    params = [
+        SamplingParams(max_tokens=12, temperature=1.3, top_k=1, seed=1, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0.8, top_p=1e-6, ignore_eos=True),
+        SamplingParams(
+            max_tokens=12, temperature=1.0, top_k=1, top_p=0.5, min_p=0.5, ignore_eos=True
+        ),
+    ]
+    outs = engine.generate([PROMPT] * 3, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [ref_ids] * 3

@@ -53,7 +53,7 @@ def test_second_run_hits_and_matches_the_first_and_hf(llama: tuple[Path, Any]) -
     path, hf = llama
     engine = _engine(path)
     cold = _run(engine, PROMPTS)
-    assert [o.num_cached_tokens for o in cold][0] == 0
+    assert next(o.num_cached_tokens for o in cold) == 0
     warm = _run(engine, PROMPTS)
     assert [o.num_cached_tokens for o in warm] == [24, 20, 12]
     for c, w, p in zip(cold, warm, PROMPTS, strict=True):

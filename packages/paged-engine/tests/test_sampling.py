@@ -133,8 +133,9 @@ def test_penalties_in_a_mixed_batch() -> None:
     logits = base.repeat(3, 1)
     params = [
         SamplingParams(temperature=0),
-        SamplingParams(temperature=0, repetition_penalty=2.0, frequency_penalty=0.25,
-                       presence_penalty=0.5),
+        SamplingParams(
+            temperature=0, repetition_penalty=2.0, frequency_penalty=0.25, presence_penalty=0.5
+        ),
         SamplingParams(temperature=0, presence_penalty=-2.0),
     ]
     prompts = [[0, 1], [0, 1], [0]]
@@ -168,8 +169,9 @@ def test_logprobs_are_raw_log_softmax_with_the_chosen_token_first() -> None:
         SamplingParams(temperature=0.7, logprobs=0, seed=1),
         SamplingParams(temperature=1.0),
     ]
-    out = sampler(logits, params, [None, sampler.request_generator(params[1]), None],
-                  [[1]] * 3, [[2]] * 3)
+    out = sampler(
+        logits, params, [None, sampler.request_generator(params[1]), None], [[1]] * 3, [[2]] * 3
+    )
     ref = torch.log_softmax(logits, -1)
     assert out.logprobs[2] is None
     e0, e1 = out.logprobs[0], out.logprobs[1]

@@ -149,7 +149,9 @@ class Scheduler:
                 break
             handles: list[int] = []
             reusable: list[bytes] = []
-            if index is not None:
+            # Prompt logprobs need the logits of every prompt position: such a request computes
+            # its whole prompt (and still publishes its blocks for others).
+            if index is not None and not seq.needs_prompt_logits:
                 reusable = seq.hashes_for((len(seq) - 1) // bs, bs)
                 handles = index.lookup(
                     seq.token_ids[: len(reusable) * bs], seq.cache_salt, reusable
