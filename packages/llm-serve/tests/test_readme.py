@@ -23,8 +23,11 @@ def test_python_quick_start_runs(capsys: object) -> None:
 
 def test_every_flag_is_documented() -> None:
     text = README.read_text(encoding="utf-8")
-    serve = cli.build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
-    flags = {s for a in serve._actions for s in a.option_strings if s.startswith("--")}
-    flags -= {"--help"}
-    missing = sorted(f for f in flags if f"`{f}`" not in text and f"`{f} " not in text)
-    assert not missing, f"flags missing from the README: {missing}"
+    commands = cli.build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert set(commands) == {"serve", "chat", "bench"}
+    for name, parser in commands.items():
+        assert f"## `llm-serve {name}" in text, name
+        flags = {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
+        flags -= {"--help"}
+        missing = sorted(f for f in flags if f"`{f}`" not in text and f"`{f} " not in text)
+        assert not missing, f"{name} flags missing from the README: {missing}"

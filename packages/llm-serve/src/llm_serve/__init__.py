@@ -8,7 +8,8 @@ Offline::
         print(pipe("Hello", gen_config=GenerationConfig(max_tokens=32, temperature=0)).text)
 
 Online: ``llm-serve serve [MODEL]`` (see ``llm_serve.cli``), or ``build_app`` for an app in
-your own ASGI server.
+your own ASGI server. ``llm-serve chat`` is a terminal chat over the pipeline; ``llm-serve
+bench`` load-tests any OpenAI-compatible server.
 """
 
 from paged_engine import EngineConfig

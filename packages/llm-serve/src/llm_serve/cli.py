@@ -1,13 +1,15 @@
-"""``llm-serve``: the command line. Subcommands: ``serve`` (more are added as subparsers)."""
+"""``llm-serve``: the command line. Subcommands: ``serve``, ``chat`` and ``bench``."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from .engine_args import add_engine_args, engine_config_from_args
+from .state import DEFAULT_MAX_REQUEST_BYTES
 
 __all__ = ["build_parser", "main"]
 
@@ -16,6 +18,12 @@ DEFAULT_PORT = 8000
 DEFAULT_MAX_QUEUE = 1024
 DEFAULT_REQUEST_TIMEOUT = 600.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_LOG_STATS_INTERVAL = 5.0
+
+_MODEL_HELP = (
+    "'default' (the bundled SmolLM2-135M-Instruct), a model directory, a .gguf file, or "
+    "'dummy:<preset|config.json>' (random weights) [default: default]"
+)
 
 
 def _positive_int(text: str) -> int:
@@ -32,6 +40,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -44,16 +59,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, "
-        "/v1/chat/completions, /v1/models, /health).",
+        "/v1/chat/completions, /v1/models, /health, /metrics, /v1/cache/stats, "
+        "/v1/cache/reset).",
     )
-    p.add_argument(
-        "model",
-        nargs="?",
-        default=None,
-        metavar="MODEL",
-        help="'default' (the bundled SmolLM2-135M-Instruct), a model directory, a .gguf file, or "
-        "'dummy:<preset|config.json>' (random weights) [default: default]",
-    )
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=_MODEL_HELP)
     srv = p.add_argument_group("server")
     srv.add_argument(
         "--host", default=DEFAULT_HOST, help="address to listen on [default: 127.0.0.1]"
@@ -85,6 +94,30 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="on SIGINT/SIGTERM, seconds in-flight requests may finish before they are aborted [default: 30]",
     )
     srv.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every route but /health; repeat for "
+        "several keys (each key is its own prefix-cache namespace). Keys are also read from "
+        "the LLM_SERVE_API_KEYS environment variable (comma-separated), which keeps them out "
+        "of the process list [default: no keys, open server]",
+    )
+    srv.add_argument(
+        "--max-request-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest request body accepted; larger ones are answered 413 "
+        f"[default: {DEFAULT_MAX_REQUEST_BYTES}]",
+    )
+    srv.add_argument(
+        "--log-stats-interval",
+        type=_non_negative_float,
+        default=DEFAULT_LOG_STATS_INTERVAL,
+        help="seconds between log lines with throughput, running/waiting requests, KV usage "
+        "and prefix-cache hit rate, written while busy; 0 turns them off [default: 5]",
+    )
+    srv.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -97,9 +130,11 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _serve(args: argparse.Namespace) -> int:
     from .server import build_app, run_server
     from .state import ServerSettings, served_model_name
+    from .tenancy import keys_from_env, validate_api_key
 
     try:
         config = engine_config_from_args(args, args.model)
+        keys = [validate_api_key(k, "--api-key") for k in args.api_key] + keys_from_env()
     except (TypeError, ValueError) as exc:
         print(f"llm-serve serve: error: {exc}", file=sys.stderr)
         return 2
@@ -111,9 +146,224 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         request_timeout=args.request_timeout,
         shutdown_timeout=args.shutdown_timeout,
+        api_keys=tuple(keys),
+        max_request_bytes=args.max_request_bytes,
+        log_interval=args.log_stats_interval,
+    )
+    logging.getLogger(__name__).info(
+        "API keys: %s", f"{len(settings.api_keys)} configured" if settings.api_keys else "none"
     )
     app = build_app(config, settings)
     return run_server(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def _add_chat(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="chat with a model in the terminal",
+        description="Chat with MODEL in the terminal (in-process, no server): replies stream as "
+        "they are generated; the conversation is kept across turns. Type /reset to clear it, "
+        "/exit (or Ctrl-D) to quit; Ctrl-C stops a reply.",
+    )
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=_MODEL_HELP)
+    gen = p.add_argument_group("generation")
+    gen.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=512,
+        help="most tokens per reply (also bounded by the context length) [default: 512]",
+    )
+    gen.add_argument(
+        "--temperature",
+        type=_non_negative_float,
+        default=0.7,
+        help="sampling temperature; 0 is greedy [default: 0.7]",
+    )
+    gen.add_argument(
+        "--top-p",
+        type=_positive_float,
+        default=1.0,
+        help="nucleus sampling: keep the most likely tokens up to this probability mass, in "
+        "(0, 1] [default: 1.0]",
+    )
+    gen.add_argument("--system", default=None, help="a system prompt put first in the conversation")
+    add_engine_args(p)
+    p.set_defaults(func=_chat)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from paged_engine import SamplingParams
+
+    from .chat import ChatSession, run_chat
+    from .pipeline import Pipeline
+
+    if args.top_p > 1:
+        print(f"llm-serve chat: error: --top-p must be <= 1, got {args.top_p}", file=sys.stderr)
+        return 2
+    try:
+        config = engine_config_from_args(args, args.model)
+        gen = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p
+        )
+    except (TypeError, ValueError) as exc:
+        print(f"llm-serve chat: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"loading {config.model} ...", file=sys.stderr, flush=True)
+    try:
+        pipe = Pipeline(config)
+    except Exception as exc:
+        print(f"llm-serve chat: error: {exc}", file=sys.stderr)
+        return 1
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    with pipe:
+        session = ChatSession(pipe, gen, system=args.system)
+        return run_chat(session, input, write)
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="load-test an OpenAI-compatible server",
+        description="Send a shared-prefix workload of streaming requests to an OpenAI-compatible "
+        "server (this one or another) and report throughput, TTFT / TPOT / ITL / E2E latency "
+        "(mean, p50, p99) and the server-reported share of cached prompt tokens. Lengths are "
+        "in words, which approximate tokens.",
+    )
+    p.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument(
+        "--api-key", default=None, help="sent as 'Authorization: Bearer KEY' [default: none]"
+    )
+    p.add_argument(
+        "--model", default=None, help="model id to request [default: the first in /v1/models]"
+    )
+    p.add_argument(
+        "--endpoint",
+        choices=["completions", "chat"],
+        default="completions",
+        help="/v1/completions (prefix + suffix as one prompt) or /v1/chat/completions (prefix "
+        "as the system message) [default: completions]",
+    )
+    w = p.add_argument_group("workload")
+    w.add_argument(
+        "--num-prefixes",
+        type=_positive_int,
+        default=4,
+        help="distinct shared prefixes; request i uses prefix i mod N [default: 4]",
+    )
+    w.add_argument(
+        "--prefix-len",
+        type=_non_negative_int,
+        default=256,
+        help="words per shared prefix [default: 256]",
+    )
+    w.add_argument(
+        "--suffix-len",
+        type=_non_negative_int,
+        default=32,
+        help="words of each request's own suffix [default: 32]",
+    )
+    w.add_argument(
+        "--output-len", type=_positive_int, default=64, help="max_tokens per request [default: 64]"
+    )
+    w.add_argument(
+        "--num-requests", type=_positive_int, default=64, help="requests to send [default: 64]"
+    )
+    w.add_argument(
+        "--request-rate",
+        type=_positive_float,
+        default=float("inf"),
+        help="mean requests per second, Poisson arrivals; 'inf' sends them all at once "
+        "[default: inf]",
+    )
+    w.add_argument(
+        "--max-concurrency",
+        type=_positive_int,
+        default=None,
+        help="most requests in flight at once [default: no limit]",
+    )
+    w.add_argument(
+        "--seed", type=int, default=0, help="seed of the prompts and arrivals [default: 0]"
+    )
+    w.add_argument(
+        "--temperature",
+        type=_non_negative_float,
+        default=0.0,
+        help="sampling temperature [default: 0]",
+    )
+    w.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="send ignore_eos so every request generates --output-len tokens (a vLLM-style "
+        "extension; servers that lack it answer 400) [default: off]",
+    )
+    o = p.add_argument_group("output")
+    o.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=600.0,
+        help="seconds one request may take [default: 600]",
+    )
+    o.add_argument(
+        "--save",
+        default=None,
+        metavar="DIR",
+        help="write DIR/bench.json (summary and per-request records) and DIR/bench.png "
+        "(latency distributions and throughput; needs matplotlib) [default: not saved]",
+    )
+    o.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import (
+        BenchConfig,
+        BenchError,
+        check_plotting,
+        format_report,
+        run_bench,
+        save_results,
+        summarize,
+    )
+
+    try:
+        config = BenchConfig(
+            url=args.url,
+            api_key=args.api_key,
+            model=args.model,
+            endpoint=args.endpoint,
+            num_prefixes=args.num_prefixes,
+            prefix_len=args.prefix_len,
+            suffix_len=args.suffix_len,
+            output_len=args.output_len,
+            num_requests=args.num_requests,
+            request_rate=args.request_rate,
+            max_concurrency=args.max_concurrency,
+            seed=args.seed,
+            ignore_eos=args.ignore_eos,
+            temperature=args.temperature,
+            timeout=args.timeout,
+            progress=not args.no_progress,
+        )
+        if args.save is not None:
+            check_plotting()
+        model, duration, results = run_bench(config)
+    except (ValueError, BenchError) as exc:
+        print(f"llm-serve bench: error: {exc}", file=sys.stderr)
+        return 2
+    summary = summarize(config, model, duration, results)
+    print(format_report(summary), flush=True)
+    if args.save is not None:
+        for path in save_results(Path(args.save), summary, results):
+            print(f"wrote {path}")
+    return 0 if summary["completed"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_serve(sub)
+    _add_chat(sub)
+    _add_bench(sub)
     return parser
 
 

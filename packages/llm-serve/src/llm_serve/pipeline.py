@@ -16,7 +16,7 @@ Usage::
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, cast, overload
@@ -135,7 +135,7 @@ class Pipeline:
         self,
         prompts: Prompt | Sequence[Prompt],
         gen_config: SamplingParams | Sequence[SamplingParams] | None = None,
-    ) -> Iterator[Response]:
+    ) -> Generator[Response, None, None]:
         """Yield deltas as they are generated: ``text`` and ``token_ids`` hold only the new part,
         ``index`` says which prompt of the batch, and a prompt's last delta has its
         ``finish_reason``. Closing the iterator early aborts the unfinished requests."""

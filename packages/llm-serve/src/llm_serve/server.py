@@ -2,8 +2,8 @@
 
 ``build_app`` wires one engine into one app; everything the routes share lives in that app's
 ``ServerState`` (``app.state.llm``), so several apps can live in one process (tests do). Routers
-are included one per concern (health, OpenAI API); more (metrics, cache, auth) plug in the same
-way.
+are included one per concern (health, OpenAI API, metrics, cache); API keys and the body size
+limit are an ASGI middleware (``tenancy.RequestGuard``) in front of all of them.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from paged_engine import EngineConfig, LLMEngine
 
 from .async_engine import AsyncEngine
+from .metrics import ServerMetrics, cache_router, log_stats_forever, metrics_router
 from .openai_api import openai_router
 from .protocol import APIError
 from .state import ServerSettings, ServerState, get_state, served_model_name
+from .tenancy import RequestGuard
 
 __all__ = ["GracefulServer", "build_app", "health_router", "run_server"]
 
@@ -76,7 +78,9 @@ def build_app(
     ``LLMEngine`` (which the app then owns). ``settings`` defaults to ``ServerSettings`` with the
     model name derived from the model spec. The engine thread starts with the app's lifespan and
     stops (aborting what is left) when the app shuts down; if the model fails to load, the
-    state's ``load_error_hooks`` run.
+    state's ``load_error_hooks`` run. The app has its own Prometheus registry
+    (``app.state.llm.metrics``) and, with ``settings.log_interval`` > 0, logs the engine's
+    figures every ``log_interval`` seconds while busy.
     """
     if isinstance(engine, AsyncEngine):
         async_engine = engine
@@ -98,16 +102,25 @@ def build_app(
             raise ValueError("pass settings (with model_name) when giving an AsyncEngine")
         settings = ServerSettings(model_name=served_model_name(spec))
     async_engine.max_queue = settings.max_queue
-    state = ServerState(engine=async_engine, settings=settings)
+    metrics = ServerMetrics(async_engine)
+    async_engine.scheduled_finish_hooks.append(metrics.observe)
+    state = ServerState(engine=async_engine, settings=settings, metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.loop = asyncio.get_running_loop()
         async_engine.start(state.loop, state.load_failed)
+        stats_task = (
+            asyncio.ensure_future(log_stats_forever(async_engine, settings.log_interval))
+            if settings.log_interval > 0
+            else None
+        )
         try:
             yield
         finally:
             state.draining = True
+            if stats_task is not None:
+                stats_task.cancel()
             await asyncio.to_thread(async_engine.stop, 30.0)
 
     app = FastAPI(title="llm-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -142,6 +155,13 @@ def build_app(
 
     app.include_router(health_router())
     app.include_router(openai_router())
+    app.include_router(metrics_router())
+    app.include_router(cache_router())
+    app.add_middleware(
+        RequestGuard,
+        api_keys=settings.api_keys,
+        max_request_bytes=settings.max_request_bytes,
+    )
     return app
 
 

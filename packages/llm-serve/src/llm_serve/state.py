@@ -7,13 +7,26 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
 from .async_engine import AsyncEngine
 from .protocol import APIError
+from .tenancy import TENANT_SCOPE_KEY, validate_api_key
 
-__all__ = ["ServerSettings", "ServerState", "get_state", "served_model_name"]
+if TYPE_CHECKING:
+    from .metrics import ServerMetrics
+
+__all__ = [
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "ServerSettings",
+    "ServerState",
+    "get_state",
+    "served_model_name",
+]
+
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +63,21 @@ class ServerSettings:
     - ``request_timeout``: seconds a request may take in all; then it is aborted (504, or an
       error event in a stream).
     - ``shutdown_timeout``: seconds in-flight requests may keep running after SIGINT / SIGTERM.
+    - ``api_keys``: when non-empty, every route but ``/health`` needs ``Authorization: Bearer
+      <key>`` with one of them, and each key is its own prefix-cache namespace. Left out of
+      ``repr`` so the keys never reach a log.
+    - ``max_request_bytes``: largest request body accepted; larger ones get 413.
+    - ``log_interval``: seconds between the statistics log lines written while the server is
+      busy; 0 turns them off.
     """
 
     model_name: str
     max_queue: int = 1024
     request_timeout: float = 600.0
     shutdown_timeout: float = 30.0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    log_interval: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -66,6 +88,16 @@ class ServerSettings:
             raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
         if not self.shutdown_timeout >= 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
+        keys: object = self.api_keys
+        if isinstance(keys, str):
+            raise TypeError("api_keys must be a sequence of keys, not one string")
+        for i, key in enumerate(self.api_keys):
+            validate_api_key(key, f"api_keys[{i}]")
+        object.__setattr__(self, "api_keys", tuple(dict.fromkeys(self.api_keys)))
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+        if not self.log_interval >= 0:
+            raise ValueError(f"log_interval must be >= 0, got {self.log_interval}")
 
 
 @dataclass
@@ -73,11 +105,13 @@ class ServerState:
     """What one app instance owns: its engine, its settings and its lifecycle flags.
 
     ``draining`` is set when shutdown begins: new requests get 503 and, ``shutdown_timeout``
-    seconds later, requests still running are aborted.
+    seconds later, requests still running are aborted. ``metrics`` is the app's Prometheus
+    registry and histograms (set by ``build_app``).
     """
 
     engine: AsyncEngine
     settings: ServerSettings
+    metrics: ServerMetrics | None = None
     draining: bool = False
     loop: asyncio.AbstractEventLoop | None = None
     load_error_hooks: list[Callable[[BaseException], None]] = field(default_factory=list)
@@ -96,10 +130,20 @@ class ServerState:
     def cache_namespace(self, request: Request, cache_salt: str) -> bytes:
         """The prefix-cache namespace of ``request`` (``cache_salt``: its own salt, or "").
 
-        Requests share cached blocks only within one namespace; empty is the shared default.
-        Today it is the request's salt; a per-tenant prefix (a hash of the API key) goes here.
+        Requests share cached blocks only within one namespace. With API keys configured it is
+        ``xxh3_128(key).digest()`` (16 bytes, set by the auth middleware) followed by the salt's
+        UTF-8 bytes: a fixed-length prefix, so no two (key, salt) pairs give the same bytes and
+        no tenant can reach another's blocks. Without keys it is the salt alone (empty: the
+        namespace everyone shares). Raises ``APIError(401)`` if keys are configured but the
+        request carries no authenticated tenant (the middleware was bypassed).
         """
-        return cache_salt.encode("utf-8")
+        salt = cache_salt.encode("utf-8")
+        if not self.settings.api_keys:
+            return salt
+        tenant = request.scope.get(TENANT_SCOPE_KEY)
+        if not isinstance(tenant, bytes):
+            raise APIError(401, "no valid API key", type="authentication_error")
+        return tenant + salt
 
     def check_available(self) -> None:
         """Raise ``APIError(503)`` unless requests can be accepted now."""
