@@ -84,3 +84,14 @@ def test_validation(kwargs: dict[str, object], match: str) -> None:
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         kvquant.KVCache(**args)  # type: ignore[arg-type]
+
+
+def test_scratch_buffers_are_reused_and_grow() -> None:
+    cache = kvquant.KVCache(1, 4, 16, 2, 64, 8, torch.float32, "cpu")
+    a = cache.scratch("k", (2, 3), torch.float32)
+    b = cache.scratch("k", (3, 2), torch.float32)
+    assert a.data_ptr() == b.data_ptr() and b.shape == (3, 2)  # reused, reshaped
+    big = cache.scratch("k", (10, 10), torch.float32)
+    assert big.shape == (10, 10) and big.is_contiguous()
+    assert cache.scratch("v", (2, 3), torch.float32).data_ptr() != big.data_ptr()
+    assert cache.scratch("k", (4,), torch.float16).dtype == torch.float16

@@ -152,11 +152,12 @@ def test_metrics_registry_per_server_and_observations() -> None:
         finished=True,
         finish_reason="length",
         arrival_time=10.0,
+        first_scheduled_time=10.25,
         first_token_time=10.5,
         finish_time=11.5,
     )
-    a.observe(out, first_scheduled=10.25)
-    a.observe(RequestOutput(request_id="x", prompt_token_ids=[1], finish_reason="abort"), None)
+    a.observe(out)
+    a.observe(RequestOutput(request_id="x", prompt_token_ids=[1], finish_reason="abort"))
     text = generate_latest(a.registry).decode()
     assert "llm_serve:time_to_first_token_seconds_count 1.0" in text
     assert "llm_serve:time_to_first_token_seconds_sum 0.5" in text

@@ -139,7 +139,8 @@ def test_outputs_stream_and_times(llama_dir: Path) -> None:
     last = seen[-1]
     assert last.finished and not any(o.finished for o in seen[:-1])
     assert last.first_token_time is not None and last.finish_time is not None
-    assert last.arrival_time <= last.first_token_time <= last.finish_time
+    assert last.first_scheduled_time is not None
+    assert last.arrival_time <= last.first_scheduled_time <= last.first_token_time <= last.finish_time
     assert last.prompt_token_ids == [5, 6, 7]
 
 

@@ -89,6 +89,7 @@ class KVCache:
     v: list[torch.Tensor] = field(init=False, repr=False)
     k_scale_zero: list[torch.Tensor | None] = field(init=False, repr=False)
     v_scale_zero: list[torch.Tensor | None] = field(init=False, repr=False)
+    _scratch: dict[str, torch.Tensor] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         _validate(
@@ -132,6 +133,21 @@ class KVCache:
     def num_slots(self) -> int:
         """Token slots per layer: ``num_blocks * block_size``."""
         return self.num_blocks * self.block_size
+
+    def scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A reusable work buffer of ``shape`` on the cache's device (contents undefined).
+
+        The torch attention path gathers K/V into these instead of fresh tensors: allocating
+        tens of MiB per layer per step costs more (page faults) than the copy itself. A buffer
+        only grows. Not thread-safe, like the cache: one caller at a time."""
+        numel = 1
+        for n in shape:
+            numel *= n
+        buf = self._scratch.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=self.device)
+            self._scratch[name] = buf
+        return buf[:numel].view(shape)
 
     @property
     def scale_zero_dtype(self) -> torch.dtype | None:

@@ -8,6 +8,7 @@ host (a device sync on a GPU, which is why the GPU path is Triton).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .kv_cache import KVCache
 from .quantization import quantize, unpack_int4
@@ -46,26 +47,26 @@ def write_torch(
 def gather_kv(cache: KVCache, layer: int, tables: torch.Tensor, which: str) -> torch.Tensor:
     """De-quantized K or V (``which`` in ``"k"``, ``"v"``) of the blocks ``tables[B, n]``.
 
-    Returns a new float32 tensor ``[num_kv_heads, B, n * block_size, head_dim]`` in position
-    order: heads first, so attention's batched matmuls read it without another copy.
+    Returns float32 ``[B, n * block_size, num_kv_heads, head_dim]`` in position order (the
+    cache's own layout: attention reads it through strides), in the cache's scratch buffer
+    ``which``: valid until the next gather of the same name; the caller may modify it.
     """
     data = cache.k[layer] if which == "k" else cache.v[layer]
     sz = cache.k_scale_zero[layer] if which == "k" else cache.v_scale_zero[layer]
-    idx = tables.long()
-    b, n = idx.shape
+    idx = tables.long().reshape(-1)
+    b, n = tables.shape
     kvh, length = cache.num_kv_heads, n * cache.block_size
-    # Gather whole blocks (contiguous rows of the cache), convert into a head-major float32
-    # tensor in one strided copy, then de-quantize in place (x * scale + min, as `dequantize`).
-    codes = data.index_select(0, idx.reshape(-1)).view(b, length, kvh, data.shape[-1])
-    out = torch.empty(kvh, b, length, cache.head_dim, dtype=torch.float32, device=data.device)
-    if sz is None:
-        out.copy_(codes.permute(2, 0, 1, 3))
+    out = cache.scratch(which, (b, length, kvh, cache.head_dim), torch.float32)
+    if sz is None and data.dtype == torch.float32:
+        torch.index_select(data, 0, idx, out=out.view(b * n, *data.shape[1:]))
         return out
+    codes = data.index_select(0, idx).view(b, length, kvh, data.shape[-1])
+    if sz is None:
+        return out.copy_(codes)
     q = unpack_int4(codes) if cache.bits == 4 else codes
-    out.copy_(q.permute(2, 0, 1, 3))
-    scale_zero = sz.index_select(0, idx.reshape(-1)).view(b, length, kvh, 2)
-    scale_zero = scale_zero.permute(2, 0, 1, 3).to(torch.float32)
-    return out.mul_(scale_zero[..., :1]).add_(scale_zero[..., 1:])
+    scale_zero = sz.index_select(0, idx).view(b, length, kvh, 2).to(torch.float32)
+    # x * scale + min, as `dequantize` computes it.
+    return out.copy_(q).mul_(scale_zero[..., :1]).add_(scale_zero[..., 1:])
 
 
 def _groups(
@@ -167,30 +168,30 @@ def _attend_group(
     length = nblk * cache.block_size
     pos = torch.arange(length, device=dev)
     kv_valid = pos[None, :] < sl[:, None]  # [bg, L]
-    kf = gather_kv(cache, layer, tables, "k")  # [kvh, bg, L, D]
+    kf = gather_kv(cache, layer, tables, "k")  # [bg, L, kvh, D]
     vf = gather_kv(cache, layer, tables, "v")
-    # Slots past a sequence's length may hold anything (even NaN): zero V there so that
-    # 0 * v stays 0. K needs nothing: its scores are overwritten by the mask below. Only the
-    # invalid rows are touched (a sequence's tail), not the whole tensor.
+    # Slots past a sequence's length may hold anything (even NaN): zero them so that masked
+    # scores stay -inf and 0 * v stays 0. Only the invalid rows (a sequence's tail) are touched.
     invalid = (~kv_valid).reshape(-1).nonzero().squeeze(1)
     if invalid.numel():
-        vf.view(kvh, bg * length, head_dim).index_fill_(1, invalid, 0.0)
+        kf.view(bg * length, kvh, head_dim).index_fill_(0, invalid, 0.0)
+        vf.view(bg * length, kvh, head_dim).index_fill_(0, invalid, 0.0)
 
     i = torch.arange(max_q, device=dev)
     q_valid = i[None, :] < ql[:, None]  # [bg, max_q]
     tok = torch.tensor(starts, device=dev)[:, None] + i[None, :]
     tok = torch.where(q_valid, tok, torch.zeros_like(tok))
-    # [kvh, bg, max_q * g, D]: rows are (query, head of the group) pairs.
-    qg = q[tok].to(torch.float32).view(bg, max_q, kvh, g, head_dim)
-    qg = qg.permute(2, 0, 1, 3, 4).reshape(kvh, bg, max_q * g, head_dim)
-
-    scores = torch.matmul(qg, kf.transpose(-1, -2)).mul_(softmax_scale)  # [kvh, bg, max_q*g, L]
+    qg = q[tok].to(torch.float32)  # [bg, max_q, H, D]
     qpos = (sl - ql)[:, None] + i[None, :]  # absolute position of each query
     allowed = (pos[None, None, :] <= qpos[:, :, None]) & kv_valid[:, None, :]  # [bg, max_q, L]
-    scores.view(kvh, bg, max_q, g, length).masked_fill_(
-        ~allowed[None, :, :, None, :], float("-inf")
-    )
-    probs = torch.softmax(scores, dim=-1)
-    o = torch.matmul(probs, vf).view(kvh, bg, max_q, g, head_dim)
-    o = o.permute(1, 2, 0, 3, 4).reshape(bg, max_q, num_heads, head_dim)
+    # One fused kernel (scores, mask, softmax, weighted sum); K/V are read through strides.
+    # Query head h reads KV head h // g, the GQA layout of `q`.
+    o = F.scaled_dot_product_attention(
+        qg.transpose(1, 2),
+        kf.transpose(1, 2),
+        vf.transpose(1, 2),
+        attn_mask=allowed[:, None],
+        scale=softmax_scale,
+        enable_gqa=g > 1,
+    ).transpose(1, 2)  # [bg, max_q, H, D]
     out[tok[q_valid]] = o[q_valid].to(out.dtype)

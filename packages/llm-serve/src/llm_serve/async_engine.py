@@ -134,9 +134,6 @@ class AsyncEngine:
         self._on_load_error: Callable[[BaseException], None] | None = None
         # Called in the event loop with every request's final output (e.g. for metrics).
         self.finish_hooks: list[Callable[[RequestOutput], None]] = []
-        # Called in the event loop with every request's final output and the time.monotonic()
-        # at which the engine first scheduled it (None: it never ran), for queue-time metrics.
-        self.scheduled_finish_hooks: list[Callable[[RequestOutput, float | None], None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -289,11 +286,6 @@ class AsyncEngine:
 
     def _serve(self, engine: LLMEngine) -> None:
         live: set[str] = set()  # ids added to the engine and not yet reported finished
-        # id -> time.monotonic() at the start of the step that first scheduled it. The engine
-        # reports no admission time, so it is read from the scheduler's running list after each
-        # step (admission happens at the start of a step, so this is exact to within the step's
-        # scheduling work), and from the outputs of requests that ran and finished in one step.
-        scheduled_at: dict[str, float] = {}
         while True:
             with self._cond:
                 while not (
@@ -339,20 +331,16 @@ class AsyncEngine:
             for rid in aborts:
                 engine.abort(rid)
             if engine.has_unfinished():
-                step_start = time.monotonic()
                 outputs.extend(engine.step())
-                _note_scheduled(engine, live, outputs, scheduled_at, step_start)
-            finals: dict[str, float | None] = {}
             for out in outputs:
                 if out.finished:
                     live.discard(out.request_id)
-                    finals[out.request_id] = scheduled_at.pop(out.request_id, None)
             stats = engine.stats()
             with self._cond:
                 self._stats = stats
                 self._engine_waiting = stats.num_waiting
             if outputs:
-                self._call_in_loop(self._deliver, outputs, finals)
+                self._call_in_loop(self._deliver, outputs)
             if stopping and not engine.has_unfinished():
                 return
 
@@ -365,9 +353,7 @@ class AsyncEngine:
 
     # -- event-loop side ------------------------------------------------------------------------
 
-    def _deliver(
-        self, outputs: list[RequestOutput], scheduled: dict[str, float | None] | None = None
-    ) -> None:
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
@@ -377,12 +363,6 @@ class AsyncEngine:
                 for hook in self.finish_hooks:
                     try:
                         hook(out)
-                    except Exception:
-                        logger.exception("a finish hook failed")
-                first_scheduled = (scheduled or {}).get(out.request_id)
-                for timed_hook in self.scheduled_finish_hooks:
-                    try:
-                        timed_hook(out, first_scheduled)
                     except Exception:
                         logger.exception("a finish hook failed")
             stream._put(out)
@@ -396,26 +376,6 @@ class AsyncEngine:
             calls, self._calls = self._calls, []
         for _fn, future in calls:
             _settle(future, None, exc)
-
-
-def _note_scheduled(
-    engine: LLMEngine,
-    live: set[str],
-    outputs: Sequence[RequestOutput],
-    scheduled_at: dict[str, float],
-    step_start: float,
-) -> None:
-    """Record ``step_start`` as the first-scheduling time of live requests seen running (or
-    producing tokens) for the first time after a step."""
-    scheduler = getattr(engine, "scheduler", None)
-    for seq in getattr(scheduler, "running", ()):
-        rid = getattr(seq, "request_id", None)
-        if rid in live and rid not in scheduled_at:
-            scheduled_at[rid] = step_start
-    for out in outputs:
-        rid = out.request_id
-        if rid in live and rid not in scheduled_at and out.token_ids:
-            scheduled_at[rid] = step_start
 
 
 def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

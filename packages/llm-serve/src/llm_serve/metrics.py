@@ -167,14 +167,14 @@ class _EngineCollector(Collector):
 class ServerMetrics:
     """One server's Prometheus registry: the engine collector and four latency histograms.
 
-    ``observe(output, first_scheduled)`` records a finished request (call it in the event loop,
-    e.g. as an ``AsyncEngine.scheduled_finish_hooks`` entry):
+    ``observe(output)`` records a finished request (call it in the event loop, e.g. as an
+    ``AsyncEngine.finish_hooks`` entry):
 
     - ``time_to_first_token_seconds``: first token time - arrival;
     - ``time_per_output_token_seconds``: (finish - first token) / (tokens - 1), requests with
       at least two tokens;
     - ``e2e_request_latency_seconds``: finish - arrival;
-    - ``request_queue_time_seconds``: first scheduling - arrival.
+    - ``request_queue_time_seconds``: first scheduling (``first_scheduled_time``) - arrival.
 
     Arrival is when the server queued the request for the engine.
     """
@@ -207,13 +207,13 @@ class ServerMetrics:
             registry=self.registry,
         )
 
-    def observe(self, out: RequestOutput, first_scheduled: float | None) -> None:
+    def observe(self, out: RequestOutput) -> None:
         """Record one finished request (only ``stop`` / ``length`` finishes count)."""
         if out.finish_reason not in ("stop", "length"):
             return
         arrival = out.arrival_time
-        if first_scheduled is not None:
-            self.queue.observe(max(0.0, first_scheduled - arrival))
+        if out.first_scheduled_time is not None:
+            self.queue.observe(max(0.0, out.first_scheduled_time - arrival))
         if out.first_token_time is not None:
             self.ttft.observe(max(0.0, out.first_token_time - arrival))
             if out.finish_time is not None and len(out.token_ids) > 1:

@@ -103,7 +103,7 @@ def build_app(
         settings = ServerSettings(model_name=served_model_name(spec))
     async_engine.max_queue = settings.max_queue
     metrics = ServerMetrics(async_engine)
-    async_engine.scheduled_finish_hooks.append(metrics.observe)
+    async_engine.finish_hooks.append(metrics.observe)
     state = ServerState(engine=async_engine, settings=settings, metrics=metrics)
 
     @asynccontextmanager

@@ -22,7 +22,9 @@ class RequestOutput:
     end-of-sequence token, a ``stop_token_ids`` token or a ``stop`` string; ``stop_reason``
     holds the stop token id or string, None for end of sequence), ``length`` (``max_tokens``
     or ``max_model_len``), ``abort``, or ``error`` (then ``error`` says why). Times are
-    ``time.monotonic()`` seconds; ``first_token_time`` / ``finish_time`` are None until they happen.
+    ``time.monotonic()`` seconds; ``first_scheduled_time`` (first admitted to a step; queue time
+    is this minus ``arrival_time``), ``first_token_time`` and ``finish_time`` are None until they
+    happen.
 
     Log-probabilities (when the request's ``SamplingParams`` ask for them) are those of the
     model's raw distribution, before penalties, temperature and filters. ``logprobs`` has one
@@ -41,6 +43,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None
     arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
     num_cached_tokens: int = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -173,6 +174,7 @@ class Scheduler:
             seq.num_computed_tokens = cached
             if not seq.admitted:
                 seq.admitted = True
+                seq.first_scheduled_time = time.monotonic()
                 seq.num_cached_tokens = cached
                 self.num_queried_tokens += seq.num_prompt_tokens
                 self.num_hit_tokens += cached

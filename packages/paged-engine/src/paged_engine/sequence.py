@@ -58,6 +58,7 @@ class Sequence:
         self.num_skips = 0
         self.detokenizer = detokenizer
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.finish_reason: FinishReason | None = None
@@ -144,6 +145,7 @@ class Sequence:
             finish_reason=self.finish_reason,
             error=self.error,
             arrival_time=self.arrival_time,
+            first_scheduled_time=self.first_scheduled_time,
             first_token_time=self.first_token_time,
             finish_time=self.finish_time,
             num_cached_tokens=self.num_cached_tokens,
