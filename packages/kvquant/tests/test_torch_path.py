@@ -153,3 +153,42 @@ def test_grouping_bounds_memory_without_changing_results(
         sc.q, sc.cache, sc.layer, sc.block_tables, SEQ_LENS, QUERY_LENS, sc.scale
     )
     torch.testing.assert_close(split.double(), expect, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [0, 8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_prefix_blocks_are_read_once_with_the_same_result(
+    ref: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, bits: int, dtype: torch.dtype
+) -> None:
+    """Sequences whose block tables start with the same blocks (a cached system prompt) take
+    the shared-prefix path, and it agrees with float64 attention and with the dense path."""
+    seq_lens, query_lens = [70, 45, 50, 64], [1, 1, 5, 3]  # two decodes, two chunks
+    sc = ref.build(bits, 16, 3, 64, dtype, seq_lens, query_lens)
+    tables = sc.block_tables.clone()
+    tables[:, :2] = tables[0, :2]  # every sequence starts with sequence 0's first two blocks
+    sl, ql = sc.lens()
+    calls: list[int] = []
+    shared_path = torch_ops._attend_shared_prefix
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return shared_path(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch_ops, "_attend_shared_prefix", spy)
+    out = kvquant.attention(sc.q, sc.cache, sc.layer, tables, sl, ql, sc.scale, backend="torch")
+    assert len(calls) == 2  # the decode group and the chunk group
+    expect = ref.attention(sc.q, sc.cache, sc.layer, tables, seq_lens, query_lens, sc.scale)
+    torch.testing.assert_close(out.to(torch.float64), expect, atol=ATOL[dtype], rtol=0)
+    monkeypatch.setattr(torch_ops, "_shared_prefix_blocks", lambda *a: 0)
+    dense = kvquant.attention(sc.q, sc.cache, sc.layer, tables, sl, ql, sc.scale, backend="torch")
+    assert len(calls) == 2
+    torch.testing.assert_close(out, dense, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
+
+
+def test_shared_prefix_detection() -> None:
+    t = torch.tensor([[4, 5, 6, 7], [4, 5, 9, 8], [4, 5, 6, 1]])
+    assert torch_ops._shared_prefix_blocks(t, [1, 1, 1], [64, 64, 64], 16) == 2
+    # Blocks a query could still be inside are never treated as shared.
+    assert torch_ops._shared_prefix_blocks(t, [1, 40, 1], [64, 64, 64], 16) == 1
+    assert torch_ops._shared_prefix_blocks(t[:1], [1], [64], 16) == 0
+    assert torch_ops._shared_prefix_blocks(t, [1, 1, 1], [10, 64, 64], 16) == 0

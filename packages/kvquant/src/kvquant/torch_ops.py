@@ -44,19 +44,22 @@ def write_torch(
             sz_dst.view(-1, kvh, 2).index_copy_(0, slot_mapping, scale_zero)
 
 
-def gather_kv(cache: KVCache, layer: int, tables: torch.Tensor, which: str) -> torch.Tensor:
+def gather_kv(
+    cache: KVCache, layer: int, tables: torch.Tensor, which: str, buffer: str | None = None
+) -> torch.Tensor:
     """De-quantized K or V (``which`` in ``"k"``, ``"v"``) of the blocks ``tables[B, n]``.
 
     Returns float32 ``[B, n * block_size, num_kv_heads, head_dim]`` in position order (the
     cache's own layout: attention reads it through strides), in the cache's scratch buffer
-    ``which``: valid until the next gather of the same name; the caller may modify it.
+    ``buffer`` (default ``which``): valid until the next gather into the same buffer; the
+    caller may modify it.
     """
     data = cache.k[layer] if which == "k" else cache.v[layer]
     sz = cache.k_scale_zero[layer] if which == "k" else cache.v_scale_zero[layer]
     idx = tables.long().reshape(-1)
     b, n = tables.shape
     kvh, length = cache.num_kv_heads, n * cache.block_size
-    out = cache.scratch(which, (b, length, kvh, cache.head_dim), torch.float32)
+    out = cache.scratch(buffer or which, (b, length, kvh, cache.head_dim), torch.float32)
     if sz is None and data.dtype == torch.float32:
         torch.index_select(data, 0, idx, out=out.view(b * n, *data.shape[1:]))
         return out
@@ -153,20 +156,58 @@ def _attend_group(
     s_lens: list[int],
     softmax_scale: float,
 ) -> None:
-    """Dense masked attention of the sequences ``group``, written into ``out``."""
+    """Masked attention of the sequences ``group``, written into ``out``: one dense pass over
+    each sequence's blocks, or, when they all start with the same cached blocks, the shared
+    part read once for all of them."""
     dev = q.device
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    kvh = cache.num_kv_heads
-    g = num_heads // kvh
-    bg = len(group)
     max_q, max_kv = max(q_lens), max(s_lens)
     nblk = -(-max_kv // cache.block_size)
     tables = block_tables[torch.tensor(group, device=dev)][:, :nblk]
     ql = torch.tensor(q_lens, device=dev)
     sl = torch.tensor(s_lens, device=dev)
 
-    length = nblk * cache.block_size
-    pos = torch.arange(length, device=dev)
+    i = torch.arange(max_q, device=dev)
+    q_valid = i[None, :] < ql[:, None]  # [bg, max_q]
+    tok = torch.tensor(starts, device=dev)[:, None] + i[None, :]
+    tok = torch.where(q_valid, tok, torch.zeros_like(tok))
+    qg = q[tok].to(torch.float32)  # [bg, max_q, H, D]
+    qpos = (sl - ql)[:, None] + i[None, :]  # absolute position of each query
+
+    shared = _shared_prefix_blocks(tables, q_lens, s_lens, cache.block_size)
+    if shared:
+        o = _attend_shared_prefix(qg, cache, layer, tables, shared, sl, qpos, softmax_scale)
+    else:
+        o = _attend_dense(qg, cache, layer, tables, sl, qpos, softmax_scale)
+    out[tok[q_valid]] = o[q_valid].to(out.dtype)
+
+
+def _shared_prefix_blocks(
+    tables: torch.Tensor, q_lens: list[int], s_lens: list[int], block_size: int
+) -> int:
+    """Leading block-table columns that every sequence of the group shares (the same cached
+    prefix) and that lie wholly before every query, so every query sees all of them.
+    0 when fewer than two sequences or nothing is shared."""
+    if tables.shape[0] < 2:
+        return 0
+    visible = min(nk - nq for nq, nk in zip(q_lens, s_lens, strict=True)) // block_size
+    same = (tables[:, :visible] == tables[:1, :visible]).all(dim=0)
+    return int(same.long().cumprod(0).sum()) if visible else 0
+
+
+def _attend_dense(
+    qg: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    tables: torch.Tensor,
+    sl: torch.Tensor,
+    qpos: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """Masked attention of ``qg [bg, max_q, H, D]`` over each sequence's own blocks."""
+    bg, _, num_heads, head_dim = qg.shape
+    kvh = cache.num_kv_heads
+    length = tables.shape[1] * cache.block_size
+    pos = torch.arange(length, device=qg.device)
     kv_valid = pos[None, :] < sl[:, None]  # [bg, L]
     kf = gather_kv(cache, layer, tables, "k")  # [bg, L, kvh, D]
     vf = gather_kv(cache, layer, tables, "v")
@@ -176,22 +217,68 @@ def _attend_group(
     if invalid.numel():
         kf.view(bg * length, kvh, head_dim).index_fill_(0, invalid, 0.0)
         vf.view(bg * length, kvh, head_dim).index_fill_(0, invalid, 0.0)
-
-    i = torch.arange(max_q, device=dev)
-    q_valid = i[None, :] < ql[:, None]  # [bg, max_q]
-    tok = torch.tensor(starts, device=dev)[:, None] + i[None, :]
-    tok = torch.where(q_valid, tok, torch.zeros_like(tok))
-    qg = q[tok].to(torch.float32)  # [bg, max_q, H, D]
-    qpos = (sl - ql)[:, None] + i[None, :]  # absolute position of each query
     allowed = (pos[None, None, :] <= qpos[:, :, None]) & kv_valid[:, None, :]  # [bg, max_q, L]
     # One fused kernel (scores, mask, softmax, weighted sum); K/V are read through strides.
     # Query head h reads KV head h // g, the GQA layout of `q`.
-    o = F.scaled_dot_product_attention(
+    return F.scaled_dot_product_attention(
         qg.transpose(1, 2),
         kf.transpose(1, 2),
         vf.transpose(1, 2),
         attn_mask=allowed[:, None],
         scale=softmax_scale,
-        enable_gqa=g > 1,
+        enable_gqa=num_heads > kvh,
     ).transpose(1, 2)  # [bg, max_q, H, D]
-    out[tok[q_valid]] = o[q_valid].to(out.dtype)
+
+
+def _attend_shared_prefix(
+    qg: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    tables: torch.Tensor,
+    shared: int,
+    sl: torch.Tensor,
+    qpos: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """Attention when the group's sequences share their first ``shared`` blocks (a common
+    system prompt): the shared K/V are gathered once and scored against every query in one
+    matrix product, instead of once per sequence; each sequence's own blocks are scored as
+    usual; one softmax runs over both parts. Same result as :func:`_attend_dense`."""
+    bg, max_q, num_heads, head_dim = qg.shape
+    kvh = cache.num_kv_heads
+    g = num_heads // kvh
+    bs = cache.block_size
+    ls = shared * bs
+    rows = max_q * g
+    # [kvh, bg, max_q * g, D]: rows are (query, head of the group) pairs.
+    qh = (
+        qg.view(bg, max_q, kvh, g, head_dim).permute(2, 0, 1, 3, 4).reshape(kvh, bg, rows, head_dim)
+    )
+
+    ks = gather_kv(cache, layer, tables[:1, :shared], "k", "shared k")[0]  # [Ls, kvh, D]
+    vs = gather_kv(cache, layer, tables[:1, :shared], "v", "shared v")[0]
+    s_shared = torch.matmul(qh.reshape(kvh, bg * rows, head_dim), ks.permute(1, 2, 0))
+
+    own = tables[:, shared:]
+    length = own.shape[1] * bs
+    pos = ls + torch.arange(length, device=qg.device)  # absolute positions of own blocks
+    kv_valid = pos[None, :] < sl[:, None]  # [bg, L]
+    kf = gather_kv(cache, layer, own, "k")  # [bg, L, kvh, D]
+    vf = gather_kv(cache, layer, own, "v")
+    invalid = (~kv_valid).reshape(-1).nonzero().squeeze(1)
+    if invalid.numel():
+        kf.view(bg * length, kvh, head_dim).index_fill_(0, invalid, 0.0)
+        vf.view(bg * length, kvh, head_dim).index_fill_(0, invalid, 0.0)
+    s_own = torch.matmul(qh, kf.permute(2, 0, 3, 1))  # [kvh, bg, rows, L]
+    allowed = (pos[None, None, :] <= qpos[:, :, None]) & kv_valid[:, None, :]  # [bg, max_q, L]
+    s_own.view(kvh, bg, max_q, g, length).masked_fill_(~allowed[None, :, :, None, :], float("-inf"))
+
+    scores = torch.cat([s_shared.view(kvh, bg, rows, ls), s_own], dim=-1).mul_(softmax_scale)
+    probs = torch.softmax(scores, dim=-1)
+    o = torch.matmul(probs[..., :ls].reshape(kvh, bg * rows, ls), vs.transpose(0, 1))
+    o = o.view(kvh, bg, rows, head_dim) + torch.matmul(probs[..., ls:], vf.permute(2, 0, 1, 3))
+    return (
+        o.view(kvh, bg, max_q, g, head_dim)
+        .permute(1, 2, 0, 3, 4)
+        .reshape(bg, max_q, num_heads, head_dim)
+    )
