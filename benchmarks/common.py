@@ -76,11 +76,14 @@ def bar_plot(name: str, title: str, labels: Sequence[str], series: dict[str, Seq
     import matplotlib.pyplot as plt
 
     OUT_DIR.mkdir(exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 5))
     width = 0.8 / max(len(series), 1)
     for i, (label, values) in enumerate(series.items()):
         ax.bar([x + i * width for x in range(len(labels))], values, width, label=label)
     ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))], labels)
+    ax.tick_params(axis="x", labelrotation=25)
+    for tick in ax.get_xticklabels():
+        tick.set_horizontalalignment("right")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()

@@ -210,7 +210,7 @@ def main() -> None:
     save_json("engine_throughput", {"args": vars(args), "results": results, "summary": summary})
     png = bar_plot(
         "engine_throughput", "Shared-system-prompt workload (bundled SmolLM2-135M)",
-        [r["config"].replace(", ", "\n") for r in results],
+        [r["config"].replace("prefix caching", "caching").replace(" (continuous batching)", "") for r in results],
         {"output tok/s": [r["tok_per_s"] for r in results]}, "output tokens / s",
     )
     print(f"saved {png}")
