@@ -235,3 +235,19 @@ def test_heap_compaction_keeps_results() -> None:
         idx.match(toks(1))
     assert len(idx._evict_heap) < 200
     assert idx.evict(2) == [2, 1]
+
+
+def test_peek_hashes_counts_by_hash_alone() -> None:
+    idx = PrefixIndex(B)
+    idx.insert(toks(1, 2, 3), [1, 2, 3], namespace=b"t")
+    hashes = block_hashes(toks(1, 2, 7), B, b"t")
+    before = idx.stats()
+    assert idx.peek_hashes(hashes, b"t") == 2 * B
+    assert idx.peek_hashes(hashes) == 0  # another namespace
+    assert idx.peek_hashes([]) == 0
+    assert idx.stats() == before
+    # Unlike peek, it trusts the hashes: a colliding hasher fools it (hence: heuristics only).
+    bad = PrefixIndex(B, hasher=lambda data: b"\x00" * 16)
+    bad.insert(toks(1), [1])
+    assert bad.peek_hashes(block_hashes(toks(9), B, hasher=bad.hasher)) == B
+    assert bad.peek(toks(9)) == 0

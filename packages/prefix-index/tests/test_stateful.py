@@ -8,7 +8,7 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from prefix_index import HybridPolicy, LFUPolicy, LRUPolicy, PrefixIndex
+from prefix_index import HybridPolicy, LFUPolicy, LRUPolicy, PrefixIndex, block_hashes
 from prefix_index.policy import BlockAccess, EvictionPolicy
 
 B = 2
@@ -151,6 +151,8 @@ class IndexMachine(RuleBasedStateMachine):
         assert self.index.peek(tokens, ns) == len(self.ref.path(ns, tokens)) * B
         expect = [self.ref.blocks[k].handle for k in self.ref.path(ns, tokens)]
         assert self.index.lookup(tokens, ns).handles == expect
+        hashes = block_hashes(tokens, B, ns)
+        assert self.index.peek_hashes(hashes, ns) == len(expect) * B
 
     @rule(ns=st.sampled_from(NAMESPACES), tokens=prompts, give_hashes=st.booleans())
     def match(self, ns: bytes, tokens: list[int], give_hashes: bool) -> None:

@@ -206,8 +206,8 @@ class Scheduler:
             if seq.admitted or seq.num_skips >= self.MAX_SKIPS:
                 ranks[id(seq)] = 0
                 continue
-            reusable = seq.hashes_for((len(seq) - 1) // bs, bs)
-            cached = index.peek(seq.token_ids[: len(reusable) * bs], seq.cache_salt, reusable)
+            # By hash alone: a ranking heuristic, cheap for a long queue (reuse is verified).
+            cached = index.peek_hashes(seq.hashes_for((len(seq) - 1) // bs, bs), seq.cache_salt)
             ranks[id(seq)] = 1 if cached >= self.prefix_match_threshold * len(seq) else 2
         return sorted(window, key=lambda s: ranks[id(s)])  # stable: keeps arrival order
 
