@@ -18,6 +18,7 @@ from paged_engine import (
     SamplingParams,
     model_loader,
 )
+from paged_engine.testing import drain
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +30,6 @@ def _engine(path: Path, **kw: Any) -> LLMEngine:
     kw.setdefault("num_blocks", 64)
     kw.setdefault("block_size", 4)
     return LLMEngine(EngineConfig(model=str(path), device="cpu", **kw))
-
-
-def _drain(engine: LLMEngine) -> dict[str, RequestOutput]:
-    done: dict[str, RequestOutput] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        engine.check_invariants()
-    return done
 
 
 def test_seeded_sampling_is_independent_of_the_batch(llama_dir: Path) -> None:
@@ -56,7 +47,7 @@ def test_seeded_sampling_is_independent_of_the_batch(llama_dir: Path) -> None:
     for i, p in enumerate(others):
         engine.add_request(f"other-{i}", [9, 8, 7, 6, 5, 4, 3, 2][: 3 + i], p)
     engine.add_request("target", prompt, params)
-    done = _drain(engine)
+    done = drain(engine)
     assert done["target"].token_ids == alone
     assert engine.stats().num_preemptions > 0
 
@@ -121,7 +112,7 @@ def test_abort(llama_dir: Path) -> None:
     assert engine.abort("a")
     assert not engine.abort("a")
     assert not engine.abort("nope")
-    done = _drain(engine)
+    done = drain(engine)
     assert done["a"].finish_reason == "abort" and done["b"].finish_reason == "length"
     st = engine.stats()
     assert st.num_blocks_used == 0  # nothing leaks: all free, or cached for reuse
@@ -140,7 +131,9 @@ def test_outputs_stream_and_times(llama_dir: Path) -> None:
     assert last.finished and not any(o.finished for o in seen[:-1])
     assert last.first_token_time is not None and last.finish_time is not None
     assert last.first_scheduled_time is not None
-    assert last.arrival_time <= last.first_scheduled_time <= last.first_token_time <= last.finish_time
+    assert (
+        last.arrival_time <= last.first_scheduled_time <= last.first_token_time <= last.finish_time
+    )
     assert last.prompt_token_ids == [5, 6, 7]
 
 
@@ -176,7 +169,7 @@ def test_random_submit_abort_step_keeps_books(llama_dir: Path, seed: int) -> Non
         engine.check_invariants()
         st = engine.stats()
         assert st.num_blocks_free + st.num_blocks_cached + st.num_blocks_used == st.num_blocks_total
-    for out in _drain(engine).values():
+    for out in drain(engine).values():
         finished.add(out.request_id)
     assert finished == {f"r{i}" for i in range(n)}
     st = engine.stats()
@@ -203,7 +196,7 @@ def test_two_engines_in_one_process(llama_dir: Path) -> None:
     a, b = _engine(llama_dir), _engine(llama_dir, block_size=8)
     a.add_request("x", [1, 2, 3], p)
     b.add_request("x", [1, 2, 3], p)
-    ra, rb = _drain(a), _drain(b)
+    ra, rb = drain(a), drain(b)
     assert ra["x"].token_ids == rb["x"].token_ids
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from paged_engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
-from paged_engine.testing import assert_greedy_match, hf_greedy
+from paged_engine.testing import assert_greedy_match, drain, hf_greedy
 
 BS = 4
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -26,16 +26,6 @@ def _engine(path: Path, **kw: Any) -> LLMEngine:
     kw.setdefault("num_blocks", 64)
     kw.setdefault("block_size", BS)
     return LLMEngine(EngineConfig(model=str(path), device="cpu", **kw))
-
-
-def _drain(engine: LLMEngine) -> dict[str, RequestOutput]:
-    done: dict[str, RequestOutput] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        engine.check_invariants()
-    return done
 
 
 def _run(engine: LLMEngine, prompts: list[list[int]], salt: bytes = b"") -> list[RequestOutput]:
@@ -222,7 +212,7 @@ def test_random_workload_keeps_block_accounting(llama: tuple[Path, Any]) -> None
         engine.check_invariants()
         st = engine.stats()
         assert st.num_blocks_free + st.num_blocks_cached + st.num_blocks_used == st.num_blocks_total
-    _drain(engine)
+    drain(engine)
     st = engine.stats()
     assert st.num_blocks_used == 0 and st.num_preemptions > 0 and st.num_evictions > 0
     assert st.prefix_cache_hit_tokens > 0

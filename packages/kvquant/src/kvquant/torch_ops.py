@@ -194,6 +194,33 @@ def _shared_prefix_blocks(
     return int(same.long().cumprod(0).sum()) if visible else 0
 
 
+def _gather_masked(
+    cache: KVCache,
+    layer: int,
+    tables: torch.Tensor,
+    first_pos: int,
+    sl: torch.Tensor,
+    qpos: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K, V ``[bg, L, kvh, D]`` of the blocks ``tables`` (which start at absolute position
+    ``first_pos``) and the causal mask ``[bg, max_q, L]`` of the queries at ``qpos``.
+
+    Slots past a sequence's length may hold anything (even NaN): they are zeroed so that
+    masked scores stay -inf and 0 * v stays 0. Only those rows (a sequence's tail) are touched.
+    """
+    bg, length = tables.shape[0], tables.shape[1] * cache.block_size
+    pos = first_pos + torch.arange(length, device=tables.device)
+    kv_valid = pos[None, :] < sl[:, None]  # [bg, L]
+    kf = gather_kv(cache, layer, tables, "k")
+    vf = gather_kv(cache, layer, tables, "v")
+    invalid = (~kv_valid).reshape(-1).nonzero().squeeze(1)
+    if invalid.numel():
+        kf.view(bg * length, *kf.shape[2:]).index_fill_(0, invalid, 0.0)
+        vf.view(bg * length, *vf.shape[2:]).index_fill_(0, invalid, 0.0)
+    allowed = (pos[None, None, :] <= qpos[:, :, None]) & kv_valid[:, None, :]
+    return kf, vf, allowed
+
+
 def _attend_dense(
     qg: torch.Tensor,
     cache: KVCache,
@@ -204,20 +231,7 @@ def _attend_dense(
     softmax_scale: float,
 ) -> torch.Tensor:
     """Masked attention of ``qg [bg, max_q, H, D]`` over each sequence's own blocks."""
-    bg, _, num_heads, head_dim = qg.shape
-    kvh = cache.num_kv_heads
-    length = tables.shape[1] * cache.block_size
-    pos = torch.arange(length, device=qg.device)
-    kv_valid = pos[None, :] < sl[:, None]  # [bg, L]
-    kf = gather_kv(cache, layer, tables, "k")  # [bg, L, kvh, D]
-    vf = gather_kv(cache, layer, tables, "v")
-    # Slots past a sequence's length may hold anything (even NaN): zero them so that masked
-    # scores stay -inf and 0 * v stays 0. Only the invalid rows (a sequence's tail) are touched.
-    invalid = (~kv_valid).reshape(-1).nonzero().squeeze(1)
-    if invalid.numel():
-        kf.view(bg * length, kvh, head_dim).index_fill_(0, invalid, 0.0)
-        vf.view(bg * length, kvh, head_dim).index_fill_(0, invalid, 0.0)
-    allowed = (pos[None, None, :] <= qpos[:, :, None]) & kv_valid[:, None, :]  # [bg, max_q, L]
+    kf, vf, allowed = _gather_masked(cache, layer, tables, 0, sl, qpos)
     # One fused kernel (scores, mask, softmax, weighted sum); K/V are read through strides.
     # Query head h reads KV head h // g, the GQA layout of `q`.
     return F.scaled_dot_product_attention(
@@ -226,7 +240,7 @@ def _attend_dense(
         vf.transpose(1, 2),
         attn_mask=allowed[:, None],
         scale=softmax_scale,
-        enable_gqa=num_heads > kvh,
+        enable_gqa=qg.shape[2] > cache.num_kv_heads,
     ).transpose(1, 2)  # [bg, max_q, H, D]
 
 
@@ -259,18 +273,9 @@ def _attend_shared_prefix(
     vs = gather_kv(cache, layer, tables[:1, :shared], "v", "shared v")[0]
     s_shared = torch.matmul(qh.reshape(kvh, bg * rows, head_dim), ks.permute(1, 2, 0))
 
-    own = tables[:, shared:]
-    length = own.shape[1] * bs
-    pos = ls + torch.arange(length, device=qg.device)  # absolute positions of own blocks
-    kv_valid = pos[None, :] < sl[:, None]  # [bg, L]
-    kf = gather_kv(cache, layer, own, "k")  # [bg, L, kvh, D]
-    vf = gather_kv(cache, layer, own, "v")
-    invalid = (~kv_valid).reshape(-1).nonzero().squeeze(1)
-    if invalid.numel():
-        kf.view(bg * length, kvh, head_dim).index_fill_(0, invalid, 0.0)
-        vf.view(bg * length, kvh, head_dim).index_fill_(0, invalid, 0.0)
+    kf, vf, allowed = _gather_masked(cache, layer, tables[:, shared:], ls, sl, qpos)
+    length = kf.shape[1]
     s_own = torch.matmul(qh, kf.permute(2, 0, 3, 1))  # [kvh, bg, rows, L]
-    allowed = (pos[None, None, :] <= qpos[:, :, None]) & kv_valid[:, None, :]  # [bg, max_q, L]
     s_own.view(kvh, bg, max_q, g, length).masked_fill_(~allowed[None, :, :, None, :], float("-inf"))
 
     scores = torch.cat([s_shared.view(kvh, bg, rows, ls), s_own], dim=-1).mul_(softmax_scale)

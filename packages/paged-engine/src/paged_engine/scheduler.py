@@ -167,7 +167,8 @@ class Scheduler:
             if need + pinned > self.pool.num_available():
                 break
             if handles:
-                self.pool.match(seq.token_ids, seq.cache_salt, reusable)  # touch for the policy
+                # Touch the reused blocks for the eviction policy (only those are walked).
+                self.pool.match(seq.token_ids[:cached], seq.cache_salt, reusable[: len(handles)])
                 self.pool.acquire(handles)
             seq.block_ids = list(handles)
             seq.num_published_blocks = len(handles)

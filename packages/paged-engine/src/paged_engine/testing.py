@@ -3,11 +3,27 @@ integration tests elsewhere). Importing this module imports nothing beyond torch
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-__all__ = ["assert_greedy_match", "first_mismatch", "hf_greedy"]
+if TYPE_CHECKING:
+    from .llm_engine import LLMEngine
+    from .outputs import RequestOutput
+
+__all__ = ["assert_greedy_match", "drain", "first_mismatch", "hf_greedy"]
+
+
+def drain(engine: LLMEngine) -> dict[str, RequestOutput]:
+    """Step ``engine`` until nothing is unfinished, asserting its block accounting after every
+    step; returns the final output of each request that finished, by request id."""
+    done: dict[str, RequestOutput] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        engine.check_invariants()
+    return done
 
 
 def hf_greedy(
