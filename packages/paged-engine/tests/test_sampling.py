@@ -211,8 +211,8 @@ def test_logprobs_are_raw_log_softmax_with_the_chosen_token_first() -> None:
         ({"stop": ["ok", 3]}, "stop must be a string or a list of strings"),
         ({"stop": [""]}, "must not be empty"),
         ({"stop_token_ids": [1, -1]}, "stop_token_ids must be a list"),
-        ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
-        ({"seed": 1.5}, "seed must be an integer"),
+        ({"max_tokens": 0}, r"max_tokens must be an integer in \[1, 2147483647\]"),
+        ({"seed": 1.5}, "seed must be None or an integer"),
     ],
 )
 def test_validation_messages(kwargs: dict[str, Any], message: str) -> None:

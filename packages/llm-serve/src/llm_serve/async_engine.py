@@ -131,7 +131,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, OutputStream] = {}
         self._thread: threading.Thread | None = None
-        self._on_load_error: Callable[[BaseException], None] | None = None
+        self._on_failure: Callable[[BaseException], None] | None = None
         # Called in the event loop with every request's final output (e.g. for metrics).
         self.finish_hooks: list[Callable[[RequestOutput], None]] = []
 
@@ -140,14 +140,16 @@ class AsyncEngine:
     def start(
         self,
         loop: asyncio.AbstractEventLoop,
-        on_load_error: Callable[[BaseException], None] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
-        """Start the engine thread; outputs are delivered on ``loop``. ``on_load_error`` is
-        called (in the loop) with the exception if building the engine fails."""
+        """Start the engine thread; outputs are delivered on ``loop``. ``on_failure`` is called
+        (in the loop) with the exception if building the engine fails (``load_error``) or the
+        engine stops for good (``fatal_error``): a server then exits so a supervisor restarts
+        it."""
         if self._thread is not None:
             raise RuntimeError("AsyncEngine.start() was already called")
         self._loop = loop
-        self._on_load_error = on_load_error
+        self._on_failure = on_failure
         self._thread = threading.Thread(target=self._run, name="llm-serve-engine", daemon=True)
         self._thread.start()
 
@@ -269,8 +271,8 @@ class AsyncEngine:
             logger.exception("loading the model failed")
             self.load_error = exc
             self._ready.set()
-            if self._on_load_error is not None:
-                self._call_in_loop(self._on_load_error, exc)
+            if self._on_failure is not None:
+                self._call_in_loop(self._on_failure, exc)
             return
         self._engine = engine
         with self._cond:
@@ -283,6 +285,8 @@ class AsyncEngine:
             logger.exception("the engine failed")
             self.fatal_error = exc
             self._call_in_loop(self._fail_all, EngineDeadError(f"the engine failed: {exc}"))
+            if self._on_failure is not None:
+                self._call_in_loop(self._on_failure, exc)
 
     def _serve(self, engine: LLMEngine) -> None:
         live: set[str] = set()  # ids added to the engine and not yet reported finished

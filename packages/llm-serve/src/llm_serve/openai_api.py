@@ -281,7 +281,9 @@ async def _wait_disconnect(request: Request) -> None:
 def _failure(out: RequestOutput, draining: bool) -> APIError | None:
     """The error to answer for a request that ended without a normal finish, else None."""
     if out.finish_reason == "error":
-        return APIError(400, out.error or "the engine rejected the request")
+        if out.internal_error:
+            return APIError(500, out.error or "internal error", type="internal_error")
+        return APIError(400, out.error or "the engine rejected the request", param=out.error_param)
     if out.finish_reason == "abort":
         if draining:
             return APIError(

@@ -78,7 +78,7 @@ def build_app(
     ``LLMEngine`` (which the app then owns). ``settings`` defaults to ``ServerSettings`` with the
     model name derived from the model spec. The engine thread starts with the app's lifespan and
     stops (aborting what is left) when the app shuts down; if the model fails to load, the
-    state's ``load_error_hooks`` run. The app has its own Prometheus registry
+    state's ``failure_hooks`` run, and so they do if the engine later fails for good. The app has its own Prometheus registry
     (``app.state.llm.metrics``) and, with ``settings.log_interval`` > 0, logs the engine's
     figures every ``log_interval`` seconds while busy.
     """
@@ -109,7 +109,7 @@ def build_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.loop = asyncio.get_running_loop()
-        async_engine.start(state.loop, state.load_failed)
+        async_engine.start(state.loop, state.engine_failed)
         stats_task = (
             asyncio.ensure_future(log_stats_forever(async_engine, settings.log_interval))
             if settings.log_interval > 0
@@ -190,7 +190,8 @@ class GracefulServer(uvicorn.Server):
 def run_server(
     app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
 ) -> int:
-    """Serve ``app`` until SIGINT / SIGTERM; returns 0, or 1 if the model failed to load."""
+    """Serve ``app`` until SIGINT / SIGTERM; returns 0, or 1 if the model failed to load or the
+    engine failed for good (the server then stops by itself, so a supervisor can restart it)."""
     state: ServerState = app.state.llm
     # uvicorn's own backstop; the app aborts late requests itself at shutdown_timeout.
     grace = state.settings.shutdown_timeout + 5.0
@@ -204,9 +205,11 @@ def run_server(
     )
     server = GracefulServer(config, state)
 
-    def stop_on_load_error(exc: BaseException) -> None:
+    def stop_on_failure(exc: BaseException) -> None:
         server.should_exit = True
+        state.begin_drain()
 
-    state.load_error_hooks.append(stop_on_load_error)
+    state.failure_hooks.append(stop_on_failure)
     server.run()
-    return 1 if state.engine.load_error is not None else 0
+    failed = state.engine.load_error is not None or state.engine.fatal_error is not None
+    return 1 if failed else 0

@@ -114,12 +114,13 @@ class ServerState:
     metrics: ServerMetrics | None = None
     draining: bool = False
     loop: asyncio.AbstractEventLoop | None = None
-    load_error_hooks: list[Callable[[BaseException], None]] = field(default_factory=list)
+    failure_hooks: list[Callable[[BaseException], None]] = field(default_factory=list)
     _drain_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
-    def load_failed(self, exc: BaseException) -> None:
-        """Called in the event loop when the model fails to load: runs ``load_error_hooks``."""
-        for hook in self.load_error_hooks:
+    def engine_failed(self, exc: BaseException) -> None:
+        """Called in the event loop when the model fails to load or the engine stops for good:
+        runs ``failure_hooks``."""
+        for hook in self.failure_hooks:
             hook(exc)
 
     @property

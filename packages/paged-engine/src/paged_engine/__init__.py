@@ -9,10 +9,10 @@ Offline::
 
 from .block_pool import BlockPool
 from .config import EngineConfig
-from .llm_engine import LLMEngine
+from .llm_engine import EngineFailedError, LLMEngine
 from .model_loader import DUMMY_PRESETS
 from .outputs import EngineStats, RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import ParamError, SamplingParams
 from .tokenizer import ByteTokenizer
 
 __version__ = "0.1.0"
@@ -22,8 +22,10 @@ __all__ = [
     "BlockPool",
     "ByteTokenizer",
     "EngineConfig",
+    "EngineFailedError",
     "EngineStats",
     "LLMEngine",
+    "ParamError",
     "RequestOutput",
     "SamplingParams",
 ]

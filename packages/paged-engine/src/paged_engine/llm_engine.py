@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -16,17 +17,27 @@ from .block_pool import BlockPool
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .model_loader import LoadedModel, load_model, resolve_model
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, StepLogits
 from .outputs import EngineStats, FinishReason, RequestOutput
 from .sampler import Sampler, top_logprobs
-from .sampling_params import SamplingParams
+from .sampling_params import ParamError, SamplingParams
 from .scheduler import ScheduledSequence, Scheduler
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 
-__all__ = ["LLMEngine", "Prompt"]
+__all__ = ["MAX_CONSECUTIVE_FORWARD_FAILURES", "EngineFailedError", "LLMEngine", "Prompt"]
 
 Prompt = str | list[int]
+
+logger = logging.getLogger(__name__)
+
+# After this many failed forward passes in a row the engine gives up (a broken device or model,
+# not one bad request) and ``step`` raises ``EngineFailedError``.
+MAX_CONSECUTIVE_FORWARD_FAILURES = 3
+
+
+class EngineFailedError(RuntimeError):
+    """The engine cannot make progress (its forward pass keeps failing); restart it."""
 
 
 class LLMEngine:
@@ -114,6 +125,11 @@ class LLMEngine:
         # request id -> prompt logits not yet yielded by ``score``
         self._prompt_logit_sinks: dict[str, list[tuple[int, torch.Tensor]]] = {}
         self._ids = itertools.count()
+        # Test hook: called as ``fault_hook(stage, request_id)`` at "forward", "sample" and
+        # "postprocess" for each request of a step; raising there simulates a fault.
+        self.fault_hook: Callable[[str, str], None] | None = None
+        self._forward_failures = 0  # consecutive failed forward passes
+        self._forward_error = ""
         self._num_finished = 0
         self._prompt_tokens = 0
         self._generation_tokens = 0
@@ -141,11 +157,15 @@ class LLMEngine:
         params = params if params is not None else SamplingParams()
         token_ids: list[int] = []
         error: str | None = None
+        param: str | None = None
+        generator: torch.Generator | None = None
         try:
             token_ids = self._tokenize(prompt)
             self._validate(token_ids, params)
-        except ValueError as exc:
+            generator = self.sampler.request_generator(params)
+        except (ValueError, TypeError, OverflowError) as exc:
             error = str(exc)
+            param = exc.param if isinstance(exc, ParamError) else None
         seq = Sequence(
             request_id,
             token_ids,
@@ -160,12 +180,12 @@ class LLMEngine:
             cache_salt,
         )
         if error is not None:
-            seq.finish("error", error)
+            seq.finish("error", error, error_param=param)
             self._pending.append(seq.to_output())
             self._num_finished += 1
             return
         self._requests[request_id] = seq
-        self._generators[request_id] = self.sampler.request_generator(params)
+        self._generators[request_id] = generator
         self._prompt_tokens += len(token_ids)
         self.scheduler.add(seq)
 
@@ -206,14 +226,11 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks; its final output (``abort``) comes with the next
         ``step``. Returns False when the request is unknown or already finished."""
-        seq = self._requests.pop(request_id, None)
+        seq = self._requests.get(request_id)
         if seq is None:
             return False
-        self._generators.pop(request_id, None)
-        self.scheduler.finish(seq)
-        seq.finish("abort")
+        self._finish(seq, "abort")
         self._pending.append(seq.to_output())
-        self._num_finished += 1
         return True
 
     def has_unfinished(self) -> bool:
@@ -224,45 +241,124 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward pass. Returns an output for every request that got a token
-        or finished (including errors and aborts since the last step)."""
+        or finished (including errors and aborts since the last step).
+
+        Faults are contained: an exception while sampling, detokenizing or checking stops for
+        one request finishes that request with ``finish_reason="error"``; an exception in the
+        batched forward pass fails that step's requests. Other requests go on. Raises
+        ``EngineFailedError`` when ``MAX_CONSECUTIVE_FORWARD_FAILURES`` forward passes fail in
+        a row: the engine cannot make progress and should be restarted."""
         outputs, self._pending = self._pending, []
         self.block_pool.expire()  # O(expired): idle cached blocks go even without pressure
-        sched = self.scheduler.schedule()
-        if not sched.scheduled:
+        scheduled = self.scheduler.schedule().scheduled
+        if not scheduled:
             return outputs
-        logits = self.runner.execute(sched.scheduled)
-        self._take_prompt_logits(sched.scheduled, logits.prompt)
-        sampling = [s.seq for s in sched.scheduled if s.completes]
-        sampled = self.sampler(
-            logits.sample,
-            [s.params for s in sampling],
-            [self._generators.get(s.request_id) for s in sampling],
-            [s.prompt_token_ids for s in sampling],
-            [s.output_token_ids for s in sampling],
-        )
-        for s in sched.scheduled:
+        logits = self._execute(scheduled)
+        if logits is None:
+            return outputs + [self._fail(s.seq, self._forward_error) for s in scheduled]
+        self._take_prompt_logits(scheduled, logits.prompt)
+        sampling = [s.seq for s in scheduled if s.completes]
+        sampled = self._sample(sampling, logits.sample)
+        for s in scheduled:
             s.seq.num_computed_tokens += s.num_tokens
             self._publish(s.seq)
-        for seq, token, logprobs in zip(
-            sampling, sampled.token_ids, sampled.logprobs, strict=True
-        ):
+        for seq, result in zip(sampling, sampled, strict=True):
+            outputs.append(self._postprocess(seq, result))
+        return outputs
+
+    def _execute(self, scheduled: list[ScheduledSequence]) -> StepLogits | None:
+        """The batched forward pass; None (with ``_forward_error`` set) if it raised."""
+        try:
+            if self.fault_hook is not None:
+                for s in scheduled:
+                    self.fault_hook("forward", s.seq.request_id)
+            logits = self.runner.execute(scheduled)
+        except Exception as exc:
+            self._forward_failures += 1
+            logger.exception("the forward pass failed for %d requests", len(scheduled))
+            self._forward_error = f"internal error in the forward pass: {exc!r}"
+            if self._forward_failures >= MAX_CONSECUTIVE_FORWARD_FAILURES:
+                raise EngineFailedError(
+                    f"{self._forward_failures} forward passes failed in a row; last: {exc!r}"
+                ) from exc
+            return None
+        self._forward_failures = 0
+        return logits
+
+    def _sample(
+        self, seqs: list[Sequence], logits: torch.Tensor
+    ) -> list[tuple[int, dict[int, float] | None] | BaseException]:
+        """One token (and its logprobs) per sequence, batched; if the batch raises, each row is
+        sampled alone so that only the rows that fail get their exception back."""
+        try:
+            return self._sample_rows(seqs, logits)
+        except Exception:
+            results: list[tuple[int, dict[int, float] | None] | BaseException] = []
+            for i, seq in enumerate(seqs):
+                try:
+                    results.extend(self._sample_rows([seq], logits[i : i + 1]))
+                except Exception as exc:
+                    logger.exception("sampling failed for request %s", seq.request_id)
+                    results.append(exc)
+            return results
+
+    def _sample_rows(
+        self, seqs: list[Sequence], logits: torch.Tensor
+    ) -> list[tuple[int, dict[int, float] | None] | BaseException]:
+        if self.fault_hook is not None:
+            for seq in seqs:
+                self.fault_hook("sample", seq.request_id)
+        out = self.sampler(
+            logits,
+            [s.params for s in seqs],
+            [self._generators.get(s.request_id) for s in seqs],
+            [s.prompt_token_ids for s in seqs],
+            [s.output_token_ids for s in seqs],
+        )
+        return list(zip(out.token_ids, out.logprobs, strict=True))
+
+    def _postprocess(
+        self, seq: Sequence, sampled: tuple[int, dict[int, float] | None] | BaseException
+    ) -> RequestOutput:
+        """Append the sampled token, check the stop conditions, finish the request if it is
+        done; a failure here (or in sampling) finishes this request with an error."""
+        if isinstance(sampled, BaseException):
+            return self._fail(seq, f"internal error while sampling: {sampled!r}")
+        token, logprobs = sampled
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook("postprocess", seq.request_id)
+            stop_token = self._is_stop_token(seq, token)
             # Stop tokens end the request without adding text (as vLLM).
-            shown = seq.params.include_stop_str_in_output or not self._is_stop_token(seq, token)
-            seq.append_token(token, logprobs, detokenize=shown)
+            seq.append_token(
+                token, logprobs, detokenize=seq.params.include_stop_str_in_output or not stop_token
+            )
             if seq.prompt_logprobs is not None:
                 # Prompt positions reused from the prefix cache produced no logits: None.
                 missing = seq.num_prompt_tokens - len(seq.prompt_logprobs)
                 seq.prompt_logprobs.extend([None] * missing)
             self._generation_tokens += 1
-            reason = self._stop_reason(seq, token)
+            reason = self._stop_reason(seq, token, stop_token)
             if reason is not None:
-                self.scheduler.finish(seq)
-                seq.finish(reason)
-                del self._requests[seq.request_id]
-                self._generators.pop(seq.request_id, None)
-                self._num_finished += 1
-            outputs.append(seq.to_output())
-        return outputs
+                self._finish(seq, reason)
+            return seq.to_output()
+        except Exception as exc:
+            logger.exception("post-processing failed for request %s", seq.request_id)
+            return self._fail(seq, f"internal error while post-processing: {exc!r}")
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        """Free a running request's blocks and mark it finished (an ``error`` here is the
+        engine's fault, not the request's)."""
+        self.scheduler.finish(seq)
+        seq.finish(reason, error, internal_error=error is not None)
+        del self._requests[seq.request_id]
+        self._generators.pop(seq.request_id, None)
+        self._num_finished += 1
+
+    def _fail(self, seq: Sequence, error: str) -> RequestOutput:
+        """Finish a running request with ``finish_reason="error"``; its blocks are freed."""
+        self._finish(seq, "error", error)
+        return seq.to_output()
 
     def _publish(self, seq: Sequence) -> None:
         """Offer the sequence's newly completed full blocks to the prefix cache."""
@@ -305,13 +401,13 @@ class LLMEngine:
             p.stop_token_ids or ()
         )
 
-    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        """Why ``seq`` ends after ``token`` (None: it goes on); records ``seq.stop_reason``."""
+    def _stop_reason(self, seq: Sequence, token: int, stop_token: bool) -> FinishReason | None:
+        """Why ``seq`` ends after ``token`` (None: it goes on); records ``seq.stop_reason``.
+        ``stop_token``: whether ``token`` is an end-of-sequence or stop token."""
         p = seq.params
-        if not p.ignore_eos and token in self.eos_token_ids:
-            return "stop"
-        if token in (p.stop_token_ids or ()):
-            seq.stop_reason = token
+        if stop_token:
+            if token in (p.stop_token_ids or ()):
+                seq.stop_reason = token
             return "stop"
         if seq.detokenizer.stopped:
             seq.stop_reason = seq.detokenizer.stop_string

@@ -21,7 +21,9 @@ class RequestOutput:
     is held back until it is certain. ``finish_reason`` is set once ``finished``: ``stop`` (an
     end-of-sequence token, a ``stop_token_ids`` token or a ``stop`` string; ``stop_reason``
     holds the stop token id or string, None for end of sequence), ``length`` (``max_tokens``
-    or ``max_model_len``), ``abort``, or ``error`` (then ``error`` says why). Times are
+    or ``max_model_len``), ``abort``, or ``error`` (then ``error`` says why, ``error_param``
+    names the offending request field when there is one, and ``internal_error`` is True when
+    the engine failed, not the request). Times are
     ``time.monotonic()`` seconds; ``first_scheduled_time`` (first admitted to a step; queue time
     is this minus ``arrival_time``), ``first_token_time`` and ``finish_time`` are None until they
     happen.
@@ -42,6 +44,8 @@ class RequestOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     error: str | None = None
+    error_param: str | None = None
+    internal_error: bool = False
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

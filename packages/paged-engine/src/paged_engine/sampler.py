@@ -14,6 +14,7 @@ __all__ = [
     "SamplerOutput",
     "apply_penalties",
     "filter_logits",
+    "stream_seed",
     "top_logprobs",
 ]
 
@@ -59,7 +60,7 @@ class Sampler:
         """The private generator for a seeded, non-greedy request (None otherwise)."""
         if params.seed is None or params.greedy:
             return None
-        return torch.Generator(device=self.device).manual_seed(params.seed)
+        return torch.Generator(device=self.device).manual_seed(stream_seed(params.seed))
 
     def __call__(
         self,
@@ -100,7 +101,7 @@ class Sampler:
             scaled = work.index_select(0, rows) / temps[:, None]
             vocab = scaled.shape[1]
             top_k = torch.tensor(
-                [params[i].top_k if params[i].top_k > 0 else vocab for i in random_rows],
+                [min(params[i].top_k, vocab) if params[i].top_k > 0 else vocab for i in random_rows],
                 device=raw.device,
             )
             scaled = filter_logits(
@@ -141,6 +142,17 @@ class Sampler:
             if g is not None:
                 noise[j].exponential_(generator=g)
         return noise
+
+
+def stream_seed(seed: int) -> int:
+    """The generator seed for a request's ``seed`` (any int in [-2**63, 2**64)).
+
+    torch's CPU generator keeps only the low 32 bits of its seed, so seeds equal mod 2**32 would
+    share a stream; a 64-bit mix (splitmix64's finalizer) folds every bit into the low ones."""
+    z = seed % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
 
 
 def _column(

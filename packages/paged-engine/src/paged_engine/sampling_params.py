@@ -5,11 +5,41 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["MAX_LOGPROBS", "SamplingParams"]
+__all__ = [
+    "MAX_INT32",
+    "MAX_LOGPROBS",
+    "MAX_STOP_STRINGS",
+    "MAX_STOP_STRING_CHARS",
+    "MAX_STOP_TOKEN_IDS",
+    "SEED_MAX",
+    "SEED_MIN",
+    "ParamError",
+    "SamplingParams",
+]
 
 # Most alternatives a request may ask for per position (``logprobs`` / ``prompt_logprobs``);
 # OpenAI's API allows 20.
 MAX_LOGPROBS = 20
+# Stop strings are checked against the text after every token, so their number and length
+# bound the per-token work (OpenAI allows 4 strings; these leave room for real prompts).
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+# Integer fields are bounded so that they fit the tensors the sampler builds from them.
+MAX_INT32 = 2**31 - 1
+# Seeds: any signed or unsigned 64-bit integer (OpenAI's and vLLM's ``seed`` is int64; the
+# unsigned half leaves room for a server deriving ``seed + j`` for choice j).
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
+
+
+class ParamError(ValueError):
+    """A request parameter out of range; ``param`` names the field (as the OpenAI API's error
+    object does)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -29,23 +59,27 @@ class SamplingParams:
       logits are divided by it.
     - ``min_p`` (in [0, 1], 0 = off): drop tokens whose probability is below ``min_p`` times
       the most likely token's.
-    - ``top_k``: keep the k most likely tokens; -1 or 0 = off, other values below 1 are errors.
+    - ``top_k``: keep the k most likely tokens (at most 2**31 - 1; more than the vocabulary
+      keeps all); -1 or 0 = off, other values below 1 are errors.
     - ``top_p`` (in (0, 1], 1 = off): keep the smallest set of most likely tokens whose
       probability reaches ``top_p`` (the most likely token is always kept).
-    - ``seed``: when set, the request draws from its own random stream, so its tokens do not
-      depend on what else is in the batch; when None it draws from the engine's stream.
+    - ``seed`` (an integer in [-2**63, 2**64 - 1]): when set, the request draws from its own
+      random stream, so its tokens do not depend on what else is in the batch; when None it
+      draws from the engine's stream. The seed is hashed before seeding the stream, so seeds
+      that differ only in their high bits (equal mod 2**32) still give different streams.
 
     Stopping (finish reason ``stop`` for all three, ``length`` for the limits):
 
     - end of sequence tokens, unless ``ignore_eos``.
-    - ``stop_token_ids``: these tokens end generation (even with ``ignore_eos``). Like end of
+    - ``stop_token_ids`` (at most ``MAX_STOP_TOKEN_IDS``): these tokens end generation (even with ``ignore_eos``). Like end of
       sequence tokens they are in ``token_ids`` but not in the text.
-    - ``stop``: a string or a list of strings. Generation ends once the text contains one; it
+    - ``stop``: a string or a list of at most 16 non-empty strings of at most 256
+      characters each (``MAX_STOP_STRINGS``, ``MAX_STOP_STRING_CHARS``). Generation ends once the text contains one; it
       may span several tokens. The text is cut before it (kept when
       ``include_stop_str_in_output``); text after it in the same token is dropped. While the
       end of the text could still become a stop string, that part is held back from
       ``RequestOutput.text``, so streamed text never has to be retracted.
-    - ``max_tokens`` (>= 1); generation also stops at the engine's ``max_model_len``.
+    - ``max_tokens`` (in [1, 2**31 - 1]); generation also stops at the engine's ``max_model_len``.
 
     Reporting:
 
@@ -83,29 +117,34 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError with an actionable message if any field is out of range."""
-        _check_int("max_tokens", self.max_tokens, 1, "an integer >= 1")
+        """Raise ``ParamError`` (a ValueError naming the field) with an actionable message if
+        any field is out of range."""
+        _check_int("max_tokens", self.max_tokens, 1, f"an integer in [1, {MAX_INT32}]", MAX_INT32)
         _check_number("temperature", self.temperature)
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise ParamError("temperature", f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         _check_number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
-            raise ValueError(
+            raise ParamError(
+                "top_p",
                 f"top_p must be in (0, 1] (1 = off; a tiny value keeps only the most likely "
                 f"token), got {self.top_p}"
             )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
-            raise ValueError(f"top_k must be an integer (-1 or 0 = off), got {self.top_k!r}")
-        if self.top_k < -1:
-            raise ValueError(
-                f"top_k must be -1 or 0 (off) or >= 1 (keep that many tokens), got {self.top_k}"
+            raise ParamError("top_k", f"top_k must be an integer (-1 or 0 = off), got {self.top_k!r}")
+        if not -1 <= self.top_k <= MAX_INT32:
+            raise ParamError(
+                "top_k",
+                f"top_k must be -1 or 0 (off) or in [1, {MAX_INT32}] (keep that many tokens), "
+                f"got {self.top_k}"
             )
         _check_number("min_p", self.min_p)
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+            raise ParamError("min_p", f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
         _check_number("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
-            raise ValueError(
+            raise ParamError(
+                "repetition_penalty",
                 f"repetition_penalty must be > 0 (1 = off, > 1 discourages repeats), got "
                 f"{self.repetition_penalty}"
             )
@@ -113,36 +152,55 @@ class SamplingParams:
             value = getattr(self, name)
             _check_number(name, value)
             if not -2 <= value <= 2:
-                raise ValueError(f"{name} must be in [-2, 2] (0 = off), got {value}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
-        ):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+                raise ParamError(name, f"{name} must be in [-2, 2] (0 = off), got {value}")
+        if self.seed is not None:
+            _check_int("seed", self.seed, SEED_MIN, "None or an integer in [-2**63, 2**64 - 1]",
+                       SEED_MAX)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:
             if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
-                raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+                raise ParamError("stop", f"stop must be a string or a list of strings, got {self.stop!r}")
+            if len(self.stop) > MAX_STOP_STRINGS:
+                raise ParamError(
+                    "stop",
+                    f"stop holds {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed"
+                )
             if any(s == "" for s in self.stop):
-                raise ValueError("stop strings must not be empty")
+                raise ParamError("stop", "stop strings must not be empty")
+            longest = max((len(s) for s in self.stop), default=0)
+            if longest > MAX_STOP_STRING_CHARS:
+                raise ParamError(
+                    "stop",
+                    f"a stop string has {longest} characters; at most {MAX_STOP_STRING_CHARS} "
+                    f"are allowed"
+                )
         if self.stop_token_ids is not None and (
             not isinstance(self.stop_token_ids, list)
             or not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids)
             or any(t < 0 for t in self.stop_token_ids)
         ):
-            raise ValueError(
+            raise ParamError(
+                "stop_token_ids",
                 f"stop_token_ids must be a list of token ids (ints >= 0), got "
                 f"{self.stop_token_ids!r}"
             )
+        if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ParamError(
+                "stop_token_ids",
+                f"stop_token_ids holds {len(self.stop_token_ids)} ids; at most "
+                f"{MAX_STOP_TOKEN_IDS} are allowed"
+            )
         for name in ("include_stop_str_in_output", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise ParamError(name, f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value, 0, f"None (off) or an integer in [0, {MAX_LOGPROBS}]")
                 if value > MAX_LOGPROBS:
-                    raise ValueError(
+                    raise ParamError(
+                        name,
                         f"{name} must be at most {MAX_LOGPROBS} (alternatives per token), got "
                         f"{value}"
                     )
@@ -165,15 +223,15 @@ class SamplingParams:
         )
 
 
-def _check_int(name: str, value: object, low: int, what: str) -> None:
+def _check_int(name: str, value: object, low: int, what: str, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be {what}, got {value}")
+        raise ParamError(name, f"{name} must be {what}, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ParamError(name, f"{name} must be {what}, got {value}")
 
 
 def _check_number(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ParamError(name, f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+        raise ParamError(name, f"{name} must be finite, got {value}")

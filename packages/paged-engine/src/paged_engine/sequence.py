@@ -63,6 +63,8 @@ class Sequence:
         self.finish_time: float | None = None
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
+        self.error_param: str | None = None
+        self.internal_error = False
         # Outputs beyond tokens: the stop token id or string that finished the request, the
         # logprobs asked for, how much text earlier outputs carried (for ``delta_text``).
         self.stop_reason: int | str | None = None
@@ -125,12 +127,22 @@ class Sequence:
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
 
-    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+    def finish(
+        self,
+        reason: FinishReason,
+        error: str | None = None,
+        *,
+        error_param: str | None = None,
+        internal_error: bool = False,
+    ) -> None:
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason
         self.error = error
+        self.error_param = error_param
+        self.internal_error = internal_error
         self.finish_time = time.monotonic()
-        self.detokenizer.flush()
+        if reason != "error":  # the detokenizer may be what failed
+            self.detokenizer.flush()
 
     def to_output(self) -> RequestOutput:
         """A snapshot for the caller; ``delta_text`` is the text added since the previous call."""
@@ -144,6 +156,8 @@ class Sequence:
             finished=self.finished,
             finish_reason=self.finish_reason,
             error=self.error,
+            error_param=self.error_param,
+            internal_error=self.internal_error,
             arrival_time=self.arrival_time,
             first_scheduled_time=self.first_scheduled_time,
             first_token_time=self.first_token_time,

@@ -33,12 +33,22 @@ def find_stop(text: str, stops: Sequence[str], new_from: int) -> tuple[int, int]
 
 def partial_stop_len(text: str, stops: Sequence[str]) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of some stop string:
-    the part of the text that later tokens could still turn into a stop string. O(sum of the
-    stop strings' squared lengths), independent of ``len(text)``."""
+    the part of the text that later tokens could still turn into a stop string.
+
+    Only the last ``len(stop) - 1`` characters matter, and only where they hold the stop's first
+    character is a comparison made, so the cost is independent of ``len(text)`` and, for
+    ordinary text, about O(sum of the stop strings' lengths) per call (all in C string
+    operations)."""
     best = 0
+    end = len(text)
     for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
+        if len(s) - 1 <= best:
+            continue
+        i = text.find(s[0], max(0, end - len(s) + 1))
+        # The first candidate that matches is the longest suffix for this stop string.
+        while i >= 0 and end - i > best:
+            if s.startswith(text[i:]):
+                best = end - i
                 break
+            i = text.find(s[0], i + 1)
     return best
