@@ -25,7 +25,16 @@ NUM_BLOCKS = 256
 
 
 def _engine(quant_policy: int = 0) -> LLMEngine:
-    return LLMEngine(EngineConfig(device="cpu", num_blocks=NUM_BLOCKS, quant_policy=quant_policy))
+    # Compared with transformers in float32: the exact path.
+    return LLMEngine(
+        EngineConfig(
+            device="cpu",
+            num_blocks=NUM_BLOCKS,
+            quant_policy=quant_policy,
+            dtype="float32",
+            weight_quant=None,
+        )
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kvquant
-from kvquant import torch_ops
+from kvquant import attention_plan, torch_ops
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Prefill from scratch, a chunk after cached context, decode tokens, an empty query, and a
@@ -145,8 +145,8 @@ def test_grouping_bounds_memory_without_changing_results(
     seq_lens, query_lens = sc.lens()
     args = (sc.q, sc.cache, sc.layer, sc.block_tables, seq_lens, query_lens, sc.scale)
     whole = kvquant.attention(*args, backend="torch")
-    monkeypatch.setattr(torch_ops, "_MAX_GROUP_ELEMENTS", 1)
-    assert torch_ops._groups([0, 1, 2], [3, 1, 1], [9, 9, 9], 4, 8) == [[0], [1], [2]]
+    monkeypatch.setattr(attention_plan, "_MAX_GROUP_ELEMENTS", 1)
+    assert attention_plan._split([0, 1, 2], [3, 1, 1], [9, 9, 9], 4, 8) == [[0], [1], [2]]
     split = kvquant.attention(*args, backend="torch")
     torch.testing.assert_close(split, whole, atol=1e-6, rtol=0)
     expect = ref.attention(
@@ -179,7 +179,7 @@ def test_shared_prefix_blocks_are_read_once_with_the_same_result(
     assert len(calls) == 2  # the decode group and the chunk group
     expect = ref.attention(sc.q, sc.cache, sc.layer, tables, seq_lens, query_lens, sc.scale)
     torch.testing.assert_close(out.to(torch.float64), expect, atol=ATOL[dtype], rtol=0)
-    monkeypatch.setattr(torch_ops, "_shared_prefix_blocks", lambda *a: 0)
+    monkeypatch.setattr(attention_plan, "_shared_prefix_blocks", lambda *a: 0)
     dense = kvquant.attention(sc.q, sc.cache, sc.layer, tables, sl, ql, sc.scale, backend="torch")
     assert len(calls) == 2
     torch.testing.assert_close(out, dense, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
@@ -187,8 +187,45 @@ def test_shared_prefix_blocks_are_read_once_with_the_same_result(
 
 def test_shared_prefix_detection() -> None:
     t = torch.tensor([[4, 5, 6, 7], [4, 5, 9, 8], [4, 5, 6, 1]])
-    assert torch_ops._shared_prefix_blocks(t, [1, 1, 1], [64, 64, 64], 16) == 2
+    assert attention_plan._shared_prefix_blocks(t, [1, 1, 1], [64, 64, 64], 16) == 2
     # Blocks a query could still be inside are never treated as shared.
-    assert torch_ops._shared_prefix_blocks(t, [1, 40, 1], [64, 64, 64], 16) == 1
-    assert torch_ops._shared_prefix_blocks(t[:1], [1], [64], 16) == 0
-    assert torch_ops._shared_prefix_blocks(t, [1, 1, 1], [10, 64, 64], 16) == 0
+    assert attention_plan._shared_prefix_blocks(t, [1, 40, 1], [64, 64, 64], 16) == 1
+    assert attention_plan._shared_prefix_blocks(t[:1], [1], [64], 16) == 0
+    assert attention_plan._shared_prefix_blocks(t, [1, 1, 1], [10, 64, 64], 16) == 0
+
+
+def test_one_plan_serves_every_layer(ref: SimpleNamespace) -> None:
+    """A plan built once for a batch gives each layer the result of planning in that call."""
+    sc = ref.build(8, 16, 3, 64, torch.float32, SEQ_LENS, QUERY_LENS)
+    kvquant.write(sc.cache, 0, sc.k.flip(0), sc.v, sc.slot_mapping)  # layer 0: other keys
+    sl, ql = sc.lens()
+    plan = kvquant.plan_for(sc.cache, sc.block_tables, sl, ql, sc.q.shape[1])
+    assert plan is not None
+    for layer in range(sc.cache.num_layers):
+        args = (sc.q, sc.cache, layer, sc.block_tables, sl, ql, sc.scale)
+        planned = kvquant.attention(*args, backend="torch", plan=plan)
+        torch.testing.assert_close(planned, kvquant.attention(*args, backend="torch"))
+        expect = ref.attention(sc.q, sc.cache, layer, sc.block_tables, SEQ_LENS, QUERY_LENS, sc.scale)
+        torch.testing.assert_close(planned.double(), expect, atol=2e-5, rtol=0)
+
+
+def test_plan_layouts() -> None:
+    """A lone decode token needs no mask; a decode batch or one chunk needs no output scatter;
+    ragged batches mask what is past each sequence."""
+    tables = torch.tensor([[3, 1, 2], [0, 4, 5]], dtype=torch.int32)
+
+    def plan(seq: list[int], q: list[int]) -> kvquant.AttentionPlan:
+        return kvquant.plan_attention(
+            tables[: len(seq)], torch.tensor(seq), torch.tensor(q), 4, 2, 8
+        )
+
+    lone = plan([10], [1])
+    assert lone.in_order and lone.groups[0].mask is None and lone.groups[0].invalid is None
+    assert lone.groups[0].slots.tolist() == [[12, 13, 14, 15, 4, 5, 6, 7, 8, 9]]
+    batch = plan([10, 7], [1, 1])
+    assert batch.in_order and batch.groups[0].invalid is not None
+    assert batch.groups[0].mask is not None and batch.groups[0].mask.sum().item() == 17
+    mixed = plan([10, 7], [1, 3])
+    assert not mixed.in_order and len(mixed.groups) == 2
+    with pytest.raises(ValueError, match="query_len"):
+        plan([3], [4])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from paged_engine import EngineConfig, SamplingParams
+from paged_engine.config import cpu_has_native_bf16
 from paged_engine.models.config import ModelConfig
 from paged_engine.rope import rope_frequencies
 
@@ -17,7 +18,12 @@ def test_engine_config_defaults() -> None:
     assert c.model == "default"
     assert c.block_size == 16
     assert c.quant_policy == 0
-    assert c.torch_dtype() == torch.float32
+    # bfloat16 exactly where the CPU computes it natively.
+    assert c.torch_dtype() == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert c.weight_quant == "auto"
+    assert c.resolved_weight_quant(native_4bit=True) == "int4"
+    assert c.resolved_weight_quant(native_4bit=False) == "int8"
+    assert c.replace(weight_quant=None).resolved_weight_quant(True) is None
     assert c.resolved_max_batch_size() == 64
     assert c.resolved_max_num_batched_tokens() == 512
     assert c.resolved_max_model_len(32768) == 8192
@@ -29,6 +35,8 @@ def test_engine_config_defaults() -> None:
     ("field", "value", "needle"),
     [
         ("quant_policy", 2, "quant_policy"),
+        ("weight_quant", "int3", "weight_quant"),
+        ("weight_quant", "none", "weight_quant"),
         ("quant_policy", True, "quant_policy"),
         ("block_size", 0, "block_size"),
         ("block_size", 12, "power of two"),

@@ -239,7 +239,7 @@ def test_dummy_from_config_json_masks_logits_beyond_the_byte_vocab(tmp_path: Pat
 def test_dummy_too_large_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(model_loader, "available_host_memory", lambda: 8 << 30)
     with pytest.raises(MemoryError, match=r"needs about 29\.9 GiB.*8\.0 GiB is free"):
-        LLMEngine(EngineConfig(model="dummy:llama-3-8b", device="cpu"))
+        LLMEngine(EngineConfig(model="dummy:llama-3-8b", device="cpu", dtype="float32"))
 
 
 def test_bad_model_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

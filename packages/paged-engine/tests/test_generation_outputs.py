@@ -27,6 +27,9 @@ def llama(tiny_model: Callable[[str], tuple[Path, Any]]) -> tuple[Path, Any]:
 def _engine(path: Path | str, **kw: Any) -> LLMEngine:
     kw.setdefault("num_blocks", 64)
     kw.setdefault("block_size", 4)
+    # Compared with transformers in float32: the exact path.
+    kw.setdefault("dtype", "float32")
+    kw.setdefault("weight_quant", None)
     return LLMEngine(EngineConfig(model=str(path), device="cpu", **kw))
 
 

@@ -16,6 +16,8 @@ from paged_engine.testing import assert_greedy_match, hf_greedy
 TINY_MODELS = ["llama", "llama-tied-llama3", "mistral", "qwen2-yarn", "qwen3", "qwen3-linear"]
 
 MAX_NEW = 12
+# The exact path every parity test pins: float32 compute, weights as loaded.
+EXACT: dict[str, Any] = {"dtype": "float32", "weight_quant": None}
 
 
 def _prompts(vocab: int = 128) -> list[list[int]]:
@@ -48,7 +50,7 @@ def test_greedy_matches_transformers(
     tiny_model: Callable[[str], tuple[Path, Any]], name: str, scenario: str
 ) -> None:
     path, hf = tiny_model(name)
-    engine = LLMEngine(EngineConfig(model=str(path), device="cpu", **SCENARIOS[scenario]))
+    engine = LLMEngine(EngineConfig(model=str(path), device="cpu", **EXACT, **SCENARIOS[scenario]))
     prompts = _prompts()
     got = _run(engine, prompts)
     if scenario == "preempted":

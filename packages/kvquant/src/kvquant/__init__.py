@@ -5,7 +5,8 @@ byte) with an asymmetric ``(scale, min)``; ``write`` quantizes on the way in and
 de-quantizes inside the kernel. Triton runs on CUDA tensors, vectorized torch on the CPU.
 """
 
-from .api import Backend, attention, dequantize, quantize, resolve_backend, write
+from .api import Backend, attention, dequantize, plan_for, quantize, resolve_backend, write
+from .attention_plan import AttentionPlan, plan_attention
 from .kv_cache import CACHE_DTYPES, KVCache
 from .quantization import EPS, SUPPORTED_BITS, scale_zero_dtype
 
@@ -15,11 +16,14 @@ __all__ = [
     "CACHE_DTYPES",
     "EPS",
     "SUPPORTED_BITS",
+    "AttentionPlan",
     "Backend",
     "KVCache",
     "__version__",
     "attention",
     "dequantize",
+    "plan_attention",
+    "plan_for",
     "quantize",
     "resolve_backend",
     "scale_zero_dtype",

@@ -12,10 +12,19 @@ from typing import Literal
 import torch
 
 from . import quantization
+from .attention_plan import AttentionPlan, plan_attention
 from .kv_cache import KVCache
 from .torch_ops import attention_torch, write_torch
 
-__all__ = ["Backend", "attention", "dequantize", "quantize", "resolve_backend", "write"]
+__all__ = [
+    "Backend",
+    "attention",
+    "dequantize",
+    "plan_for",
+    "quantize",
+    "resolve_backend",
+    "write",
+]
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -160,6 +169,32 @@ def write(
         write_triton(cache, layer, k, v, slot_mapping)
 
 
+def plan_for(
+    cache: KVCache,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_lens: torch.Tensor,
+    num_heads: int,
+    backend: Backend = "auto",
+) -> AttentionPlan | None:
+    """The plan :func:`attention` would build for this batch on ``cache`` (None when the
+    backend is Triton, which needs none): build it once per step, pass it to every layer.
+
+    Raises:
+        ValueError: inconsistent lengths, as :func:`attention` does.
+    """
+    if resolve_backend(backend, cache.k[0].device) != "torch":
+        return None
+    return plan_attention(
+        block_tables,
+        seq_lens,
+        query_lens,
+        cache.block_size,
+        num_heads,
+        2 * cache.num_kv_heads * cache.head_dim,
+    )
+
+
 def attention(
     q: torch.Tensor,
     cache: KVCache,
@@ -169,6 +204,7 @@ def attention(
     query_lens: torch.Tensor,
     softmax_scale: float,
     backend: Backend = "auto",
+    plan: AttentionPlan | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of a batch of query chunks over their cached K/V.
 
@@ -186,6 +222,10 @@ def attention(
             sequence ``b`` (``0 <= query_lens[b] <= seq_lens[b]``).
         softmax_scale: multiplies ``q . k`` before the softmax (usually ``head_dim ** -0.5``).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        plan: the torch path's layout of this batch, from :func:`plan_attention` with the
+            same ``block_tables`` / ``seq_lens`` / ``query_lens``; a caller running several
+            layers over one batch plans once and passes it to each (None: planned here).
+            The Triton path ignores it.
 
     Returns:
         ``[T, num_heads, head_dim]`` in ``q``'s dtype.
@@ -240,9 +280,10 @@ def attention(
     if t == 0 or batch == 0:
         return torch.empty_like(q)
     if resolve_backend(backend, cache.k[0].device) == "torch":
-        return attention_torch(
-            q, cache, layer, block_tables, seq_lens, query_lens, float(softmax_scale)
-        )
+        if plan is None:
+            plan = plan_for(cache, block_tables, seq_lens, query_lens, num_heads, "torch")
+            assert plan is not None
+        return attention_torch(q, cache, layer, plan, float(softmax_scale))
     from .triton_kernels import attention_triton  # imported late: triton reads its env at import
 
     return attention_triton(

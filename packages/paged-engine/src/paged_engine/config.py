@@ -8,7 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["EngineConfig", "available_host_memory", "free_device_memory"]
+__all__ = [
+    "EngineConfig",
+    "available_host_memory",
+    "cpu_has_native_bf16",
+    "cpu_weight_quant_kernels",
+    "free_device_memory",
+]
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -32,6 +38,7 @@ CPU_CACHE_FRACTION = 0.5
 # Several engines, a test process and a reference model must share one machine's RAM.
 CPU_CACHE_CAP_BYTES = 4 << 30
 EVICTION_POLICIES = ("lru", "lfu", "hybrid")
+WEIGHT_QUANT_CHOICES = ("auto", "int8", "int4")
 
 
 @dataclass
@@ -39,8 +46,12 @@ class EngineConfig:
     """Everything that shapes an engine; validated on construction.
 
     ``None`` / ``"auto"`` fields are resolved when the engine starts (they depend on the device and
-    the model): ``device`` auto = CUDA when available, else CPU; ``dtype`` auto = bfloat16 on CUDA,
-    float32 on CPU; ``max_batch_size`` / ``max_num_batched_tokens`` = 256 / 8192 on a GPU and
+    the model): ``device`` auto = CUDA when available, else CPU; ``dtype`` auto = bfloat16 on CUDA
+    and on a CPU with native bfloat16 arithmetic (AVX-512 BF16 or AMX), else float32;
+    ``weight_quant`` auto = on CPU, ``int4`` for a GGUF model whose linear weights are 4-bit
+    (its blocks are kept, see ``paged_engine.weight_quant``) and ``int8`` for any other model;
+    on CUDA the weights stay as loaded (None; the GPU weight-only kernels are not wired yet);
+    ``max_batch_size`` / ``max_num_batched_tokens`` = 256 / 8192 on a GPU and
     64 / 512 on CPU; ``max_model_len`` = the model's context length capped at 8192;
     ``cache_size_limit`` = 0.8 of free accelerator memory after the weights, or on CPU 0.5 of
     available RAM but never more than 4 GiB; ``num_blocks``, when given, overrides the budget.
@@ -69,6 +80,7 @@ class EngineConfig:
     eviction_policy: str = "hybrid"
     cache_ttl: float | None = None
     prefix_match_threshold: float = 0.5
+    weight_quant: str | None = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -78,6 +90,11 @@ class EngineConfig:
             )
         self._check_device()
         self._check_dtype()
+        if self.weight_quant is not None and self.weight_quant not in WEIGHT_QUANT_CHOICES:
+            raise ValueError(
+                f"EngineConfig.weight_quant must be None (weights as loaded), 'auto', 'int8' "
+                f"(per output channel) or 'int4' (groups of 32), got {self.weight_quant!r}"
+            )
         _check_int("block_size", self.block_size, minimum=1)
         if self.block_size & (self.block_size - 1):
             raise ValueError(
@@ -179,12 +196,33 @@ class EngineConfig:
         return torch.device(self.device)
 
     def torch_dtype(self) -> torch.dtype:
-        """The weight and activation dtype (``auto``: bfloat16 on CUDA, float32 on CPU)."""
+        """The weight and activation dtype (``auto``: bfloat16 on CUDA and on CPUs with native
+        bfloat16 arithmetic, else float32)."""
         if isinstance(self.dtype, torch.dtype):
             return self.dtype
         if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+            native = self.torch_device().type == "cuda" or cpu_has_native_bf16()
+            return torch.bfloat16 if native else torch.float32
         return _DTYPES[self.dtype]
+
+    def resolved_weight_quant(self, native_4bit: bool) -> str | None:
+        """The weight format to run (None: as loaded). ``native_4bit``: the model file's linear
+        weights are already 4-bit (a Q4 GGUF). Raises ValueError when ``int8`` / ``int4`` is
+        asked for where no kernel runs it (CUDA, or a torch without the CPU kernels)."""
+        mode = self.weight_quant
+        if mode is None:
+            return None
+        usable = self.torch_device().type == "cpu" and cpu_weight_quant_kernels()
+        if mode == "auto":
+            if not usable:
+                return None
+            return "int4" if native_4bit else "int8"
+        if not usable:
+            raise ValueError(
+                f"EngineConfig.weight_quant={mode!r} runs on CPU only (torch >= 2.6 CPU kernels); "
+                f"on {self.torch_device()} use None or 'auto'"
+            )
+        return mode
 
     def resolved_max_batch_size(self) -> int:
         if self.max_batch_size is not None:
@@ -230,6 +268,37 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"EngineConfig.{name} must be an integer, got {value!r}")
     if value < minimum:
         raise ValueError(f"EngineConfig.{name} must be >= {minimum}, got {value}")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX), where bfloat16
+    matmuls beat float32; elsewhere bfloat16 is emulated and slower."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    for name in probes:
+        probe = getattr(torch.cpu, name, None)
+        if probe is not None and probe():
+            return True
+    if any(getattr(torch.cpu, name, None) is not None for name in probes):
+        return False
+    try:  # an older torch: ask the kernel
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def cpu_weight_quant_kernels() -> bool:
+    """True when torch has the CPU weight-only int8 and int4 matmul kernels."""
+    ops = torch.ops.aten
+    return all(
+        hasattr(ops, name)
+        for name in (
+            "_weight_int8pack_mm",
+            "_weight_int4pack_mm_for_cpu",
+            "_convert_weight_to_int4pack_for_cpu",
+        )
+    )
 
 
 def available_host_memory() -> int:

@@ -64,8 +64,10 @@ class LLMEngine:
         self.dtype = config.torch_dtype()
         source = resolve_model(config.model)
         self.max_model_len = config.resolved_max_model_len(source.config.max_len)
+        # The weight format that runs (None: as loaded); see EngineConfig.weight_quant.
+        self.weight_quant = config.resolved_weight_quant(source.native_4bit)
         self.loaded: LoadedModel = load_model(
-            source, self.device, self.dtype, self.max_model_len, config.seed
+            source, self.device, self.dtype, self.max_model_len, config.seed, self.weight_quant
         )
         self.model_config = self.loaded.config
         self.tokenizer: Tokenizer = self.loaded.tokenizer

@@ -33,6 +33,7 @@ from .config import available_host_memory, free_device_memory
 from .models.config import ModelConfig
 from .models.llama import LlamaForCausalLM
 from .tokenizer import ByteTokenizer, Tokenizer
+from .weight_quant import WeightQuantizer
 
 __all__ = [
     "BUNDLED_GGUF",
@@ -110,6 +111,9 @@ class ModelSource:
     tokenizer_dir: Path | None  # None: byte-level tokenizer
     mask_vocab: bool  # mask logits beyond the tokenizer's vocabulary (dummy models)
     extra_eos: list[int] = field(default_factory=list)
+    # The file's linear weights are 4-bit blocks (a Q4 GGUF): int4 weight quantization keeps
+    # them rather than adding error.
+    native_4bit: bool = False
 
 
 @dataclass
@@ -216,12 +220,12 @@ def resolve_model(spec: str) -> ModelSource:
     if spec.startswith("dummy:"):
         return _resolve_dummy(spec)
     if spec == "default":
-        return _resolve_dir(spec, convert_gguf(bundled_gguf_path()))
+        return _resolve_gguf(spec, bundled_gguf_path())
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {spec!r} does not exist")
-        return _resolve_dir(spec, convert_gguf(path))
+        return _resolve_gguf(spec, path)
     if path.is_dir():
         return _resolve_dir(spec, path)
     raise FileNotFoundError(
@@ -229,6 +233,35 @@ def resolve_model(spec: str) -> ModelSource:
         f"transformers model directory, a .gguf file or 'dummy:<{'|'.join(DUMMY_PRESETS)}|config.json>' "
         f"(nothing is downloaded)"
     )
+
+
+def _resolve_gguf(spec: str, path: Path) -> ModelSource:
+    directory = convert_gguf(path)
+    source = _resolve_dir(spec, directory)
+    # Reading the GGUF's tensor table takes seconds, so its verdict is kept beside the copy.
+    facts = directory / "gguf-source.json"
+    if facts.is_file():
+        source.native_4bit = bool(_read_json(facts).get("native_4bit"))
+    else:
+        source.native_4bit = gguf_linear_weights_are_4bit(path)
+        tmp = facts.with_name(f".{facts.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps({"native_4bit": source.native_4bit}), encoding="utf-8")
+        os.replace(tmp, facts)
+    return source
+
+
+def gguf_linear_weights_are_4bit(path: Path) -> bool:
+    """True when every 2-D weight of the GGUF's transformer blocks is stored in a 4-bit block
+    format (Q4_0 / Q4_1); reads only the file's header."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    kinds = {
+        t.tensor_type.name
+        for t in reader.tensors
+        if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2
+    }
+    return bool(kinds) and kinds <= {"Q4_0", "Q4_1"}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -320,20 +353,38 @@ def check_fits(source: ModelSource, device: torch.device, dtype: torch.dtype) ->
 
 
 def load_model(
-    source: ModelSource, device: torch.device, dtype: torch.dtype, max_positions: int, seed: int
+    source: ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_positions: int,
+    seed: int,
+    weight_quant: str | None = None,
 ) -> LoadedModel:
-    """Build the decoder for ``source`` on ``device`` with weights (read or random) in ``dtype``."""
+    """Build the decoder for ``source`` on ``device`` with weights (read or random) in ``dtype``;
+    with ``weight_quant`` (``int8`` / ``int4``) its linear layers are quantized as their float
+    weights are read, one layer at a time (see ``paged_engine.weight_quant``)."""
     check_fits(source, device, dtype)
     cfg = source.config
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, dtype, max_positions)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    quantizer: WeightQuantizer | None = None
+    if weight_quant is not None:
+        groups = model.quantizable_groups()
+        quantizer = WeightQuantizer(groups, weight_quant, dtype, model.set_module)
+        # The float linears are never allocated: their weights go straight to the quantizer.
+        for _target, parts, _bias in groups:
+            for part in parts:
+                model.set_module(part, None)
     model.to_empty(device=device)
     model.tie_weights()
     model.reset_rotary(device)
     if source.weights_dir is None:
-        _init_random(model, seed, device)
+        _init_random(model, shapes, seed, device, quantizer)
     else:
-        _load_safetensors(model, source.weights_dir, device)
+        _load_safetensors(model, source.weights_dir, device, quantizer)
+    if quantizer is not None:
+        quantizer.finish()
     model.eval()
     model.requires_grad_(False)
 
@@ -348,16 +399,32 @@ def load_model(
     return LoadedModel(model, cfg, tokenizer, frozenset(eos), vocab_limit, source)
 
 
-def _init_random(model: LlamaForCausalLM, seed: int, device: torch.device) -> None:
+def _init_random(
+    model: LlamaForCausalLM,
+    shapes: dict[str, tuple[int, ...]],
+    seed: int,
+    device: torch.device,
+    quantizer: WeightQuantizer | None,
+) -> None:
+    """Random weights (normal, std 0.02; norms 1, biases 0) for every parameter in ``shapes``
+    (the unquantized model's), in its order, so a seed gives the same model whether or not its
+    weights are then quantized."""
     gen = torch.Generator(device=device).manual_seed(seed)
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, shape in shapes.items():
+            p = params.get(name)
+            t = p if p is not None else torch.empty(shape, device=device, dtype=torch.float32)
             if name.endswith("norm.weight"):
-                p.fill_(1.0)
+                t.fill_(1.0)
             elif name.endswith(".bias"):
-                p.zero_()
+                t.zero_()
             else:
-                p.normal_(0.0, 0.02, generator=gen)
+                t.normal_(0.0, 0.02, generator=gen)
+            if p is None and (quantizer is None or not quantizer.offer(name, t)):
+                raise AssertionError(f"parameter {name} has no home")
+        if quantizer is not None and model.config.tie_word_embeddings:
+            quantizer.offer("lm_head.weight", params["model.embed_tokens.weight"])
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -374,7 +441,12 @@ def _weight_files(directory: Path) -> list[Path]:
     return files
 
 
-def _load_safetensors(model: LlamaForCausalLM, directory: Path, device: torch.device) -> None:
+def _load_safetensors(
+    model: LlamaForCausalLM,
+    directory: Path,
+    device: torch.device,
+    quantizer: WeightQuantizer | None = None,
+) -> None:
     from safetensors import safe_open
 
     params = dict(model.named_parameters())
@@ -386,6 +458,11 @@ def _load_safetensors(model: LlamaForCausalLM, directory: Path, device: torch.de
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     if "rotary_emb" in key or (tied and key == "lm_head.weight"):
                         continue
+                    if quantizer is not None:
+                        if tied and key == "model.embed_tokens.weight":
+                            quantizer.offer("lm_head.weight", f.get_tensor(key))
+                        elif quantizer.offer(key, f.get_tensor(key)):
+                            continue
                     p = params.get(key)
                     if p is None:
                         raise ValueError(f"unexpected weight {key!r} in {path}")

@@ -67,6 +67,10 @@ class ModelRunner:
             seq_lens=(start + q).to(torch.int32).to(dev),
             query_lens=q.to(torch.int32).to(dev),
         )
+        # Everything attention derives from the batch layout, once for all layers.
+        meta.plan = kvquant.plan_for(
+            self.cache, meta.block_tables, meta.seq_lens, meta.query_lens, self.model.config.num_heads
+        )
         return torch.tensor(ids, dtype=torch.int64).to(dev), meta
 
     @torch.inference_mode()

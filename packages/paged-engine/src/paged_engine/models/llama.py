@@ -17,7 +17,7 @@ from torch import nn
 
 import kvquant
 
-from ..rope import RotaryEmbedding
+from ..rope import RotaryEmbedding, apply_rotary
 from .config import ModelConfig
 
 __all__ = ["AttentionMetadata", "LlamaForCausalLM"]
@@ -25,11 +25,14 @@ __all__ = ["AttentionMetadata", "LlamaForCausalLM"]
 
 @dataclass
 class AttentionMetadata:
-    """Per-step batch layout, in kvquant's calling conventions (all on the cache's device).
+    """Per-step batch layout, in kvquant's calling conventions (all on the cache's device),
+    built once by the model runner and shared by every layer.
 
     ``positions`` [T] int64; ``slot_mapping`` [T] int64 (-1 = padding, not written);
     ``block_tables`` [B, max_blocks] int32; ``seq_lens`` / ``query_lens`` [B] int32, where
-    ``seq_lens`` includes this step's chunk.
+    ``seq_lens`` includes this step's chunk. ``plan``: kvquant's attention layout of this
+    batch (torch path; None on the Triton path). ``rotary``: the ``(cos, sin)`` of
+    ``positions``, filled in by the model before its first layer.
     """
 
     positions: torch.Tensor
@@ -37,6 +40,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
     query_lens: torch.Tensor
+    plan: kvquant.AttentionPlan | None = None
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class RMSNorm(nn.Module):
@@ -62,9 +67,12 @@ class Attention(nn.Module):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, q, bias=cfg.qkv_bias, dtype=dtype)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv, bias=cfg.qkv_bias, dtype=dtype)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv, bias=cfg.qkv_bias, dtype=dtype)
+        self.qkv_sizes = [q, kv, kv]
+        self.q_proj: nn.Module | None = nn.Linear(cfg.hidden_size, q, bias=cfg.qkv_bias, dtype=dtype)
+        self.k_proj: nn.Module | None = nn.Linear(cfg.hidden_size, kv, bias=cfg.qkv_bias, dtype=dtype)
+        self.v_proj: nn.Module | None = nn.Linear(cfg.hidden_size, kv, bias=cfg.qkv_bias, dtype=dtype)
+        # Set instead of q/k/v_proj when the weights are quantized (one fused matrix).
+        self.qkv_proj: nn.Module | None = None
         self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias, dtype=dtype)
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
@@ -81,16 +89,29 @@ class Attention(nn.Module):
         cache: kvquant.KVCache,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            assert self.q_proj is not None and self.k_proj is not None and self.v_proj is not None
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q, k = rope(meta.positions, q, k)
+        cos, sin = meta.rotary if meta.rotary is not None else rope.lookup(meta.positions, q.dtype)
+        q, k = apply_rotary(q, k, cos, sin)
         kvquant.write(cache, self.layer_idx, k, v, meta.slot_mapping)
         out = kvquant.attention(
-            q, cache, self.layer_idx, meta.block_tables, meta.seq_lens, meta.query_lens, self.scale
+            q,
+            cache,
+            self.layer_idx,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_lens,
+            self.scale,
+            plan=meta.plan,
         )
         y: torch.Tensor = self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
         return y
@@ -100,12 +121,20 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
         h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=b, dtype=dtype)
-        self.up_proj = nn.Linear(h, i, bias=b, dtype=dtype)
+        self.intermediate_size = i
+        self.gate_proj: nn.Module | None = nn.Linear(h, i, bias=b, dtype=dtype)
+        self.up_proj: nn.Module | None = nn.Linear(h, i, bias=b, dtype=dtype)
+        # Set instead of gate/up_proj when the weights are quantized (one fused matrix).
+        self.gate_up_proj: nn.Module | None = None
         self.down_proj = nn.Linear(i, h, bias=b, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        else:
+            assert self.gate_proj is not None and self.up_proj is not None
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        y: torch.Tensor = self.down_proj(F.silu(gate) * up)
         return y
 
 
@@ -148,7 +177,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.max_positions = max_positions
         self.model = LlamaModel(cfg, dtype)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+        self.lm_head: nn.Module = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary_emb = RotaryEmbedding(
@@ -164,13 +193,37 @@ class LlamaForCausalLM(nn.Module):
             )
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def quantizable_groups(self) -> list[tuple[str, list[str], bool]]:
+        """The linears that weight quantization replaces, as ``(fused layer, original linears,
+        has bias)`` module paths: per layer q/k/v fused, o, gate/up fused, down; then the
+        output projection (for tied embeddings it is built from the embedding's weight,
+        offered under ``lm_head.weight``)."""
+        cfg = self.config
+        groups: list[tuple[str, list[str], bool]] = []
+        for i in range(cfg.num_layers):
+            a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+            groups += [
+                (f"{a}.qkv_proj", [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"], cfg.qkv_bias),
+                (f"{a}.o_proj", [f"{a}.o_proj"], cfg.o_bias),
+                (f"{m}.gate_up_proj", [f"{m}.gate_proj", f"{m}.up_proj"], cfg.mlp_bias),
+                (f"{m}.down_proj", [f"{m}.down_proj"], cfg.mlp_bias),
+            ]
+        groups.append(("lm_head", ["lm_head"], False))
+        return groups
+
+    def set_module(self, path: str, module: nn.Module | None) -> None:
+        """Replace (or, with None, remove) the submodule at ``path``."""
+        parent, _, name = path.rpartition(".")
+        setattr(self.get_submodule(parent) if parent else self, name, module)
 
     def forward(
         self, input_ids: torch.Tensor, meta: AttentionMetadata, cache: kvquant.KVCache
     ) -> torch.Tensor:
         x: torch.Tensor = self.model.embed_tokens(input_ids)
+        meta.rotary = self.rotary_emb.lookup(meta.positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, self.rotary_emb, meta, cache)
         y: torch.Tensor = self.model.norm(x)

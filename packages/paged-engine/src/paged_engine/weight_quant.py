@@ -1,0 +1,200 @@
+"""Weight-only quantized linear layers for the CPU, and the loader that builds them.
+
+Two formats, each run by one of torch's CPU weight-only kernels (activations stay in the
+model's dtype; weights are expanded inside the kernel):
+
+- ``int8``: per output channel, symmetric: ``w = q * scale``, ``q`` in [-127, 127]
+  (``torch._weight_int8pack_mm``).
+- ``int4``: groups of 32 input channels per output channel, asymmetric: ``w = q * scale + min``,
+  ``q`` in [0, 15], ``scale = (max - min) / 15`` (``torch._weight_int4pack_mm_for_cpu``, whose
+  zero point is stored as ``min + 8 * scale``). A layer whose output size is not a multiple of
+  16 (a kernel requirement) falls back to int8.
+
+A GGUF file's Q4_1 blocks are exactly this int4 format (groups of 32, ``q * d + m``, with ``m``
+the group's minimum and ``d = (max - min) / 15``): quantizing the dequantized weights recovers
+the file's codes, so the only change is the rounding of ``d`` and ``m`` to the activation dtype.
+
+The projections a layer runs on the same input are fused into one quantized matrix (q/k/v and
+gate/up): one kernel call instead of three or two, and nothing changes numerically (rows are
+quantized independently). The output projection (``lm_head``) is always int8: it is the
+layer most sensitive to weight error and int8 keeps it near-exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = [
+    "INT4_GROUP",
+    "WEIGHT_QUANT_MODES",
+    "Int4Linear",
+    "Int8Linear",
+    "WeightQuantizer",
+    "quantize_linear",
+]
+
+WEIGHT_QUANT_MODES = ("int8", "int4")
+INT4_GROUP = 32
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ (q * scale).T + bias`` with int8 ``q`` ``[N, K]`` and one scale per row."""
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        w = weight.to(torch.float32)
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        self.out_features, self.in_features = w.shape
+        self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(dtype))
+        self.register_buffer("bias", None if bias is None else bias.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y: torch.Tensor = torch._weight_int8pack_mm(flat, self.qweight, self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight ``[N, K]`` the kernel multiplies by (for tests)."""
+        return self.qweight.to(torch.float32) * self.scale.to(torch.float32)[:, None]
+
+
+class Int4Linear(nn.Module):
+    """``y = x @ w.T + bias`` with ``w = q * scale + min`` per group of 32 input channels."""
+
+    qweight: torch.Tensor
+    scale_zero: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        n, k = weight.shape
+        if not self.supports(n, k):
+            raise ValueError(f"int4 needs out % 16 == 0 and in % {INT4_GROUP} == 0, got {n}x{k}")
+        self.out_features, self.in_features = n, k
+        groups = weight.to(torch.float32).reshape(n, k // INT4_GROUP, INT4_GROUP)
+        low = groups.amin(dim=-1)
+        scale = ((groups.amax(dim=-1) - low) / 15).clamp(min=1e-12)
+        codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+        self.register_buffer(
+            "qweight",
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                codes.reshape(n, k).to(torch.int32), 1
+            ),
+        )
+        # [K / 32, N, 2]: the kernel's layout, its zero point being the group's middle code.
+        scale_zero = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("scale_zero", scale_zero.to(dtype))
+        self.register_buffer("bias", None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def supports(out_features: int, in_features: int) -> bool:
+        return out_features % 16 == 0 and in_features % INT4_GROUP == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, self.qweight, INT4_GROUP, self.scale_zero
+        )
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight ``[N, K]`` the kernel multiplies by (for tests), computed by
+        running the kernel on the identity."""
+        eye = torch.eye(self.in_features, dtype=self.scale_zero.dtype)
+        w: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            eye, self.qweight, INT4_GROUP, self.scale_zero
+        )
+        return w.to(torch.float32).t().contiguous()
+
+
+def quantize_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: torch.dtype
+) -> nn.Module:
+    """A quantized layer for ``weight`` ``[N, K]`` (any float dtype; quantized from float32)
+    in ``mode`` (``int8`` / ``int4``; int4 falls back to int8 for shapes its kernel refuses)."""
+    if mode not in WEIGHT_QUANT_MODES:
+        raise ValueError(f"weight quantization must be one of {WEIGHT_QUANT_MODES}, got {mode!r}")
+    if mode == "int4" and Int4Linear.supports(*weight.shape):
+        return Int4Linear(weight, bias, dtype)
+    return Int8Linear(weight, bias, dtype)
+
+
+@dataclass
+class _Group:
+    """Projections fused into one quantized layer: the parts in output order."""
+
+    target: str  # module path of the fused layer, e.g. "model.layers.3.self_attn.qkv_proj"
+    parts: list[str]  # module paths of the original linears, e.g. ".../q_proj"
+    mode: str
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    has_bias: bool = False
+
+
+class WeightQuantizer:
+    """Builds a model's quantized layers from its float weights as they are read.
+
+    ``offer(name, tensor)`` takes a state-dict entry; it returns True when the entry belongs to
+    a quantized layer (the caller then does not copy it anywhere). Once every part of a fused
+    layer has arrived, the layer is quantized and installed (so only one layer's float weights
+    are held at a time). ``finish()`` checks nothing is missing. Which linears are quantized
+    and fused is described by the model (``LlamaForCausalLM.quantizable_groups``).
+    """
+
+    def __init__(
+        self,
+        groups: list[tuple[str, list[str], bool]],
+        mode: str,
+        dtype: torch.dtype,
+        install: Callable[[str, nn.Module], None],
+    ) -> None:
+        self.mode = mode
+        self.dtype = dtype
+        self._install = install
+        self._groups: dict[str, _Group] = {}
+        self._by_part: dict[str, _Group] = {}
+        for target, parts, has_bias in groups:
+            # The output projection stays int8 whatever the mode (see the module docs).
+            g = _Group(target, parts, "int8" if target == "lm_head" else mode, has_bias=has_bias)
+            self._groups[target] = g
+            for p in parts:
+                self._by_part[p] = g
+
+    def offer(self, name: str, tensor: torch.Tensor) -> bool:
+        module, _, kind = name.rpartition(".")
+        group = self._by_part.get(module)
+        if group is None or kind not in ("weight", "bias"):
+            return False
+        (group.weights if kind == "weight" else group.biases)[module] = tensor
+        if len(group.weights) == len(group.parts) and (
+            not group.has_bias or len(group.biases) == len(group.parts)
+        ):
+            self._build(group)
+        return True
+
+    def _build(self, group: _Group) -> None:
+        weight = torch.cat([group.weights[p].to(torch.float32) for p in group.parts])
+        bias = torch.cat([group.biases[p] for p in group.parts]) if group.has_bias else None
+        self._install(group.target, quantize_linear(weight, bias, group.mode, self.dtype))
+        del self._groups[group.target]
+        for p in group.parts:
+            del self._by_part[p]
+
+    def finish(self) -> None:
+        """Raise ValueError naming the quantized layers whose weights never arrived."""
+        if self._groups:
+            missing = sorted(self._groups)
+            raise ValueError(f"weights missing for quantized layers: {', '.join(missing[:5])}")
