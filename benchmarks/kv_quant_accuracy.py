@@ -87,9 +87,10 @@ def make_engine(policy: int, chunk: int, num_blocks: int) -> LLMEngine:
 
 
 def score_all(
-    engines: dict[int, LLMEngine], segments: list[list[int]]
-) -> dict[int, dict[str, float]]:
-    """Teacher-forced metrics per policy; the engines run in lockstep, chunk by chunk."""
+    engines: dict[Any, LLMEngine], segments: list[list[int]]
+) -> dict[Any, dict[str, float]]:
+    """Teacher-forced metrics per engine against the first one (the reference); the engines
+    run in lockstep, chunk by chunk."""
     nll = dict.fromkeys(engines, 0.0)
     kl = dict.fromkeys(engines, 0.0)
     agree = dict.fromkeys(engines, 0)
@@ -105,7 +106,7 @@ def score_all(
             logp = {
                 p: torch.log_softmax(lg, -1) for p, (_, lg) in zip(engines, chunks, strict=True)
             }
-            ref = logp[POLICIES[0]]
+            ref = logp[next(iter(engines))]
             ref_top = ref.argmax(-1)
             p_ref = ref.exp()
             for p, lp in logp.items():
@@ -113,8 +114,8 @@ def score_all(
                 kl[p] += float((p_ref * (ref - lp)).nan_to_num(0.0).sum())
                 agree[p] += int((lp.argmax(-1) == ref_top).sum())
             count += m
-    base = math.exp(nll[POLICIES[0]] / count)
-    out: dict[int, dict[str, float]] = {}
+    base = math.exp(nll[next(iter(engines))] / count)
+    out: dict[Any, dict[str, float]] = {}
     for p in engines:
         ppl = math.exp(nll[p] / count)
         out[p] = {
@@ -127,9 +128,11 @@ def score_all(
     return out
 
 
-def generate_all(engines: dict[int, LLMEngine], gen_tokens: int) -> dict[int, dict[str, float]]:
+def generate_all(engines: dict[Any, LLMEngine], gen_tokens: int) -> dict[Any, dict[str, float]]:
+    """Greedy agreement of each engine's chat continuations with the first engine's."""
     params = SamplingParams(max_tokens=gen_tokens, temperature=0, ignore_eos=True)
-    tok: Any = engines[POLICIES[0]].tokenizer
+    first = next(iter(engines))
+    tok: Any = engines[first].tokenizer
     prompts = [
         tok.apply_chat_template(
             [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
@@ -140,8 +143,8 @@ def generate_all(engines: dict[int, LLMEngine], gen_tokens: int) -> dict[int, di
         p: [o.token_ids for o in e.generate(prompts, params, use_tqdm=False)]
         for p, e in engines.items()
     }
-    ref = runs[POLICIES[0]]
-    out: dict[int, dict[str, float]] = {}
+    ref = runs[first]
+    out: dict[Any, dict[str, float]] = {}
     for p, got in runs.items():
         prefix = []
         for g, r in zip(got, ref, strict=True):

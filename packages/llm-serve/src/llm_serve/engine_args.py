@@ -22,8 +22,11 @@ __all__ = ["ENGINE_FLAG_HELP", "add_engine_args", "engine_config_from_args"]
 # Help for the fields known today; a new field gets a generic line.
 ENGINE_FLAG_HELP: Mapping[str, str] = {
     "device": "auto (the default: CUDA when available, else CPU), cpu or cuda[:N]",
-    "dtype": "weights and activations: auto (the default: bfloat16 on CUDA, float32 on CPU), "
-    "float32, float16 or bfloat16",
+    "dtype": "weights and activations: auto (the default: bfloat16 on CUDA and on CPUs with "
+    "native bfloat16, else float32), float32, float16 or bfloat16",
+    "weight_quant": "weight-only quantized linear layers on CPU: auto (the default: int4 for a "
+    "4-bit GGUF, int8 otherwise; none on CUDA), int8 (per channel), int4 (groups of 32) or "
+    "none (weights as loaded)",
     "block_size": "tokens per KV block (a power of two)",
     "quant_policy": "KV cache quantization: 0 (none), 8 (int8) or 4 (int4)",
     "enable_prefix_caching": "reuse the KV blocks of already computed prompt prefixes",

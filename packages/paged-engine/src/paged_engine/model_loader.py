@@ -29,7 +29,7 @@ from typing import Any, cast
 
 import torch
 
-from .config import available_host_memory, free_device_memory
+from .config import available_host_memory, cpu_has_native_bf16, free_device_memory
 from .models.config import ModelConfig
 from .models.llama import LlamaForCausalLM
 from .tokenizer import ByteTokenizer, Tokenizer
@@ -371,7 +371,9 @@ def load_model(
     quantizer: WeightQuantizer | None = None
     if weight_quant is not None:
         groups = model.quantizable_groups()
-        quantizer = WeightQuantizer(groups, weight_quant, dtype, model.set_module)
+        # The kernels are fast with bfloat16 activations only; a float32 model casts around them.
+        kernel_dtype = torch.bfloat16 if cpu_has_native_bf16() else dtype
+        quantizer = WeightQuantizer(groups, weight_quant, kernel_dtype, model.set_module)
         # The float linears are never allocated: their weights go straight to the quantizer.
         for _target, parts, _bias in groups:
             for part in parts:
@@ -423,8 +425,6 @@ def _init_random(
                 t.normal_(0.0, 0.02, generator=gen)
             if p is None and (quantizer is None or not quantizer.offer(name, t)):
                 raise AssertionError(f"parameter {name} has no home")
-        if quantizer is not None and model.config.tie_word_embeddings:
-            quantizer.offer("lm_head.weight", params["model.embed_tokens.weight"])
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -458,11 +458,8 @@ def _load_safetensors(
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     if "rotary_emb" in key or (tied and key == "lm_head.weight"):
                         continue
-                    if quantizer is not None:
-                        if tied and key == "model.embed_tokens.weight":
-                            quantizer.offer("lm_head.weight", f.get_tensor(key))
-                        elif quantizer.offer(key, f.get_tensor(key)):
-                            continue
+                    if quantizer is not None and quantizer.offer(key, f.get_tensor(key)):
+                        continue
                     p = params.get(key)
                     if p is None:
                         raise ValueError(f"unexpected weight {key!r} in {path}")

@@ -16,8 +16,13 @@ the file's codes, so the only change is the rounding of ``d`` and ``m`` to the a
 
 The projections a layer runs on the same input are fused into one quantized matrix (q/k/v and
 gate/up): one kernel call instead of three or two, and nothing changes numerically (rows are
-quantized independently). The output projection (``lm_head``) is always int8: it is the
-layer most sensitive to weight error and int8 keeps it near-exact.
+quantized independently). The output projection (``lm_head``) is not quantized: it is the
+layer most sensitive to weight error (per-channel int8 there costs several points of top-1
+agreement on the bundled model).
+
+The kernels are fast only with bfloat16 activations (float16 and float32 ones take slow
+paths), so a layer casts its input to its kernel dtype and its output back: a float32 model
+keeps its residual stream, norms and attention in float32 around bfloat16 matmuls.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -39,6 +45,10 @@ __all__ = [
 
 WEIGHT_QUANT_MODES = ("int8", "int4")
 INT4_GROUP = 32
+# From this many rows on (prefill chunks), expanding the weight to float32 and running the
+# float32 GEMM beats the weight-only kernels on CPU (measured: benchmarks/RESULTS.md, "Step
+# profile"); below it (decode) the kernels win because they read 4-8x fewer bytes.
+DENSE_ROWS = 128
 
 
 class Int8Linear(nn.Module):
@@ -59,13 +69,18 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        y: torch.Tensor = torch._weight_int8pack_mm(flat, self.qweight, self.scale)
+        y: torch.Tensor
+        if flat.shape[0] >= DENSE_ROWS:
+            y = F.linear(flat.to(torch.float32), self.dequantized()).to(x.dtype)
+        else:
+            y = torch._weight_int8pack_mm(flat.to(self.scale.dtype), self.qweight, self.scale)
+            y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
-        """The float32 weight ``[N, K]`` the kernel multiplies by (for tests)."""
+        """The float32 weight ``[N, K]`` the kernel multiplies by."""
         return self.qweight.to(torch.float32) * self.scale.to(torch.float32)[:, None]
 
 
@@ -73,6 +88,7 @@ class Int4Linear(nn.Module):
     """``y = x @ w.T + bias`` with ``w = q * scale + min`` per group of 32 input channels."""
 
     qweight: torch.Tensor
+    codes: torch.Tensor
     scale_zero: torch.Tensor
     bias: torch.Tensor | None
 
@@ -86,12 +102,14 @@ class Int4Linear(nn.Module):
         low = groups.amin(dim=-1)
         scale = ((groups.amax(dim=-1) - low) / 15).clamp(min=1e-12)
         codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+        codes = codes.reshape(n, k).to(torch.int32)
         self.register_buffer(
-            "qweight",
-            torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                codes.reshape(n, k).to(torch.int32), 1
-            ),
+            "qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         )
+        # The same codes two to a byte (channel 2i low, 2i+1 high) for the dense path: the
+        # kernel's packing is opaque.
+        pairs = codes.view(n, k // 2, 2)
+        self.register_buffer("codes", (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8))
         # [K / 32, N, 2]: the kernel's layout, its zero point being the group's middle code.
         scale_zero = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("scale_zero", scale_zero.to(dtype))
@@ -103,21 +121,25 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            flat, self.qweight, INT4_GROUP, self.scale_zero
-        )
+        y: torch.Tensor
+        if flat.shape[0] >= DENSE_ROWS:
+            y = F.linear(flat.to(torch.float32), self.dequantized()).to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat.to(self.scale_zero.dtype), self.qweight, INT4_GROUP, self.scale_zero
+            ).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
-        """The float32 weight ``[N, K]`` the kernel multiplies by (for tests), computed by
-        running the kernel on the identity."""
-        eye = torch.eye(self.in_features, dtype=self.scale_zero.dtype)
-        w: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            eye, self.qweight, INT4_GROUP, self.scale_zero
-        )
-        return w.to(torch.float32).t().contiguous()
+        """The float32 weight ``[N, K]`` the kernel multiplies by: ``(q - 8) * scale + zero``
+        with the kernel's own (rounded) scale and zero point."""
+        n, k = self.out_features, self.in_features
+        q = torch.stack([self.codes & 15, self.codes >> 4], dim=-1).view(n, k // INT4_GROUP, -1)
+        sz = self.scale_zero.to(torch.float32).transpose(0, 1)  # [N, K / 32, 2]
+        scale, zero = sz[..., :1], sz[..., 1:]
+        return (q.to(torch.float32) - 8).mul_(scale).add_(zero).view(n, k)
 
 
 def quantize_linear(
@@ -167,8 +189,7 @@ class WeightQuantizer:
         self._groups: dict[str, _Group] = {}
         self._by_part: dict[str, _Group] = {}
         for target, parts, has_bias in groups:
-            # The output projection stays int8 whatever the mode (see the module docs).
-            g = _Group(target, parts, "int8" if target == "lm_head" else mode, has_bias=has_bias)
+            g = _Group(target, parts, mode, has_bias=has_bias)
             self._groups[target] = g
             for p in parts:
                 self._by_part[p] = g
