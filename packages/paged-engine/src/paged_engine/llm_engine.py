@@ -16,6 +16,8 @@ from prefix_index import PrefixIndex
 from .block_pool import BlockPool
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .disk_store import DiskBlockStore
+from .disk_tier import DiskTier, kv_format
 from .model_loader import LoadedModel, load_model, resolve_model
 from .model_runner import ModelRunner, StepLogits
 from .outputs import EngineStats, FinishReason, RequestOutput
@@ -105,6 +107,16 @@ class LLMEngine:
             else None
         )
         self.block_pool = BlockPool(num_blocks, config.block_size, index)
+        self.disk_tier: DiskTier | None = None
+        if config.kv_disk_dir is not None:
+            store = DiskBlockStore(
+                config.kv_disk_dir,
+                kv_format(self.kv_cache, self.loaded.source, config.seed),
+                size_limit=config.kv_disk_size_limit,
+                ttl=config.cache_ttl,
+            )
+            self.disk_tier = DiskTier(store, self.kv_cache)
+            self.block_pool.on_evict = self.disk_tier.spill
         # No sequence may outgrow the pool, so the oldest running one can always make progress.
         self.max_seq_len = min(self.max_model_len, num_blocks * config.block_size)
         self.scheduler = Scheduler(
@@ -252,6 +264,11 @@ class LLMEngine:
         a row: the engine cannot make progress and should be restarted."""
         outputs, self._pending = self._pending, []
         self.block_pool.expire()  # O(expired): idle cached blocks go even without pressure
+        if self.disk_tier is not None and self.scheduler.waiting:
+            # Before scheduling, so admission finds these prompts' stored blocks in memory.
+            sch = self.scheduler
+            room = max(0, sch.max_batch_size - len(sch.running))
+            self.disk_tier.load(self.block_pool, itertools.islice(sch.waiting, room))
         scheduled = self.scheduler.schedule().scheduled
         if not scheduled:
             return outputs
@@ -373,9 +390,32 @@ class LLMEngine:
         seq.num_published_blocks = full
 
     def reset_prefix_cache(self, cache_salt: bytes | None = None) -> int:
-        """Drop every cached block nobody is using, of one namespace or (None) all; returns how
-        many blocks were freed. Blocks of running requests stay."""
+        """Drop every cached block nobody is using, of one namespace or (None) all, in memory
+        and on disk; returns how many blocks were freed in memory. Blocks of running requests
+        stay in memory."""
+        if self.disk_tier is not None:
+            self.disk_tier.clear(cache_salt)
         return self.block_pool.clear_cache(cache_salt)
+
+    def persist_prefix_cache(self, cache_salt: bytes | None = None) -> int:
+        """Write every block of the in-memory prefix cache (of one namespace or, None, all) to
+        the disk tier and wait until written; returns how many blocks were written (blocks
+        already on disk are not). Raises ValueError when the disk tier is off."""
+        if self.disk_tier is None:
+            raise ValueError("the disk tier is off: set EngineConfig.kv_disk_dir to persist")
+        assert self.block_pool.index is not None
+        n = self.disk_tier.spill(self.block_pool.index.blocks(cache_salt), wait=True)
+        self.disk_tier.flush()
+        return n
+
+    def close(self) -> None:
+        """Shut down gracefully: persist the prefix cache to the disk tier (when on) and stop
+        its writer. The engine must not be stepped afterwards. Idempotent."""
+        if self.disk_tier is not None:
+            self.persist_prefix_cache()
+            self.disk_tier.close()
+            self.block_pool.on_evict = None
+            self.disk_tier = None
 
     def _take_prompt_logits(
         self, scheduled: list[ScheduledSequence], prompt: dict[int, tuple[int, torch.Tensor]]
@@ -516,6 +556,7 @@ class LLMEngine:
             num_finished=self._num_finished,
             prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=self._generation_tokens,
+            **(self.disk_tier.engine_stats() if self.disk_tier is not None else {}),
         )
 
     def check_invariants(self) -> None:
