@@ -206,6 +206,21 @@ class DiskBlockStore:
             os.utime(entry.path, (now, now))
         return block
 
+    def touch(self, namespace: bytes, hashes: Sequence[bytes]) -> None:
+        """Make the stored blocks among ``hashes`` the most recently used, the last one most."""
+        now = self.clock()
+        paths: list[Path] = []
+        with self._lock:
+            for h in hashes:
+                entry = self._entries.get((namespace, h))
+                if entry is not None:
+                    entry.last_used = now
+                    self._entries.move_to_end((namespace, h))
+                    paths.append(entry.path)
+        for p in paths:
+            with contextlib.suppress(OSError):
+                os.utime(p, (now, now))
+
     def put(
         self,
         namespace: bytes,
@@ -239,12 +254,14 @@ class DiskBlockStore:
         folder.mkdir(exist_ok=True)
         with open(tmp, "wb") as f:
             f.writelines(data)
+        now = self.clock()
+        os.utime(tmp, (now, now))  # the file's time is its last use (read back at start)
         os.replace(tmp, path)
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._bytes -= old.size
-            self._entries[key] = _Entry(path, size, self.clock())
+            self._entries[key] = _Entry(path, size, now)
             self._bytes += size
             self._writes += 1
             victims = self._over_limit_locked()

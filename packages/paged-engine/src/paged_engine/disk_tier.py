@@ -228,6 +228,8 @@ class DiskTier:
             payloads.append(block.payload)
         if not payloads:
             return 0
+        # Parents last: under the store's size limit a chain then loses its tail first.
+        self.store.touch(ns, hashes[m + len(payloads) - 1 : m - 1 if m else None : -1])
         pool.acquire(prefix)  # pinned: allocation below must not evict what we extend
         chain = list(prefix)
         try:

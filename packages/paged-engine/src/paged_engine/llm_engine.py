@@ -404,7 +404,10 @@ class LLMEngine:
         if self.disk_tier is None:
             raise ValueError("the disk tier is off: set EngineConfig.kv_disk_dir to persist")
         assert self.block_pool.index is not None
-        n = self.disk_tier.spill(self.block_pool.index.blocks(cache_salt), wait=True)
+        # Children before parents, as eviction spills them: under the disk's size limit a
+        # chain then loses its tail first, and its head stays usable.
+        blocks = self.block_pool.index.blocks(cache_salt)[::-1]
+        n = self.disk_tier.spill(blocks, wait=True)
         self.disk_tier.flush()
         return n
 
