@@ -113,7 +113,9 @@ class DiskBlockStore:
         clock: Callable[[], float] = time.time,
     ) -> None:
         if size_limit is not None and (isinstance(size_limit, bool) or size_limit < 1):
-            raise ValueError(f"size_limit must be a positive number of bytes or None, got {size_limit!r}")
+            raise ValueError(
+                f"size_limit must be a positive number of bytes or None, got {size_limit!r}"
+            )
         if ttl is not None and not ttl > 0:
             raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
         self.digest = format_digest(fmt)
@@ -235,7 +237,9 @@ class DiskBlockStore:
         """
         namespace, block_hash = bytes(namespace), bytes(block_hash)
         payload = memoryview(payload).cast("B")
-        if len(block_hash) != HASH_LEN or (parent_hash is not None and len(parent_hash) != HASH_LEN):
+        if len(block_hash) != HASH_LEN or (
+            parent_hash is not None and len(parent_hash) != HASH_LEN
+        ):
             raise ValueError(f"block hashes must be {HASH_LEN} bytes (xxh3-128 digests)")
         key = (namespace, block_hash)
         with self._lock:
@@ -306,7 +310,9 @@ class DiskBlockStore:
             h.update(part)
         return [header, namespace, packed, payload, h.digest()]
 
-    def _parse_header(self, head: bytes | bytearray, file_size: int) -> tuple[int, int, int, bytes] | None:
+    def _parse_header(
+        self, head: bytes | bytearray, file_size: int
+    ) -> tuple[int, int, int, bytes] | None:
         """(namespace length, token count, payload length, hash) when ``head`` is a header of
         this format whose lengths add up to ``file_size``; else None."""
         if len(head) < _HEADER.size:
@@ -330,7 +336,9 @@ class DiskBlockStore:
             logger.warning("KV block file %s fails its checksum; skipped", path)
             return None
         flags = _HEADER.unpack_from(data)[1]
-        parent = bytes(data[_HEADER.size - HASH_LEN : _HEADER.size]) if flags & _HAS_PARENT else None
+        parent = (
+            bytes(data[_HEADER.size - HASH_LEN : _HEADER.size]) if flags & _HAS_PARENT else None
+        )
         at = _HEADER.size
         namespace = bytes(data[at : at + ns_len])
         at += ns_len

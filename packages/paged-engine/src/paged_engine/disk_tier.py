@@ -122,7 +122,9 @@ class DiskTier:
         self.spills = 0
         self.spill_drops = 0
         self.load_seconds = 0.0
-        self._writer = threading.Thread(target=self._write_forever, name="kv-disk-writer", daemon=True)
+        self._writer = threading.Thread(
+            target=self._write_forever, name="kv-disk-writer", daemon=True
+        )
         self._writer.start()
 
     # -- spill ------------------------------------------------------------------------------------
@@ -283,4 +285,3 @@ class DiskTier:
             blocks=st.blocks,
             bytes=st.bytes,
         )
-
