@@ -215,26 +215,26 @@ class DiskTier:
             return 0
         prefix = pool.index.lookup(seq.token_ids[: len(hashes) * bs], ns, hashes).handles
         m = len(prefix)
-        k = min(self.store.match(ns, hashes[m:]), room)
-        if k <= 0:
+        stored = self.store.match(ns, hashes[m:])
+        if stored <= 0:
             return 0
-        payloads: list[memoryview] = []
-        for i in range(m, m + k):
-            block = self.store.get(ns, hashes[i])
-            if (
-                block is None
-                or block.tokens != seq.token_ids[i * bs : (i + 1) * bs]
-                or len(block.payload) != self.payload_bytes
-            ):
-                break
-            payloads.append(block.payload)
-        if not payloads:
-            return 0
-        # Parents last: under the store's size limit a chain then loses its tail first.
-        self.store.touch(ns, hashes[m + len(payloads) - 1 : m - 1 if m else None : -1])
         pool.acquire(prefix)  # pinned: allocation below must not evict what we extend
         chain = list(prefix)
         try:
+            payloads: list[memoryview] = []
+            for i in range(m, m + min(stored, room, pool.num_available())):
+                block = self.store.get(ns, hashes[i])
+                if (
+                    block is None
+                    or block.tokens != seq.token_ids[i * bs : (i + 1) * bs]
+                    or len(block.payload) != self.payload_bytes
+                ):
+                    break
+                payloads.append(block.payload)
+            if not payloads:
+                return 0
+            # Parents last: under the store's size limit a chain then loses its tail first.
+            self.store.touch(ns, hashes[m + len(payloads) - 1 : m - 1 if m else None : -1])
             ids = pool.allocate(len(payloads))
             chain += ids
             self._copy_in(ids, payloads)
