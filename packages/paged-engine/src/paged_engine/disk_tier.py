@@ -131,22 +131,35 @@ class DiskTier:
 
     def spill(self, blocks: Sequence[CachedBlock], wait: bool = False) -> int:
         """Queue ``blocks`` (their KV still in the cache) for writing; returns how many were
-        queued. Blocks already stored are only touched. Without ``wait``, blocks that do not
-        fit in the queue are dropped; with it, the caller waits for room."""
-        todo = [b for b in blocks if (b.namespace, b.hash) not in self.store]
+        queued. Blocks already stored only become the most recently used there. Without
+        ``wait``, blocks that do not fit in the queue are dropped; with it, the caller waits
+        for room."""
+        todo: list[CachedBlock] = []
+        for b in blocks:
+            if (b.namespace, b.hash) in self.store:
+                self.store.touch(b.namespace, [b.hash])
+            else:
+                todo.append(b)
         if not wait:
-            room = self._queue.maxsize - self._queue.qsize()
+            room = max(0, self._queue.maxsize - self._queue.qsize())
             self.spill_drops += max(0, len(todo) - room)
-            todo = todo[: max(0, room)]
+            todo = todo[:room]
+        queued = 0
         for start in range(0, len(todo), self._queue.maxsize):
             chunk = todo[start : start + self._queue.maxsize]
-            rows = self._copy_out([b.handle for b in chunk])
+            try:
+                rows = self._copy_out([b.handle for b in chunk])
+            except Exception:  # best effort: losing a spill must not fail the step
+                logger.exception("copying KV blocks out for the disk tier failed")
+                self.spill_drops += len(todo) - start
+                break
             for b, row in zip(chunk, rows, strict=True):
                 try:
                     self._queue.put(_Spill(b, row), block=wait)
+                    queued += 1
                 except queue.Full:
                     self.spill_drops += 1
-        return len(todo)
+        return queued
 
     def _copy_out(self, block_ids: list[int]) -> list[memoryview]:
         """The payload of each block: its rows of every per-block tensor, as bytes."""

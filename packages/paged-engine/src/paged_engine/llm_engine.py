@@ -264,11 +264,7 @@ class LLMEngine:
         a row: the engine cannot make progress and should be restarted."""
         outputs, self._pending = self._pending, []
         self.block_pool.expire()  # O(expired): idle cached blocks go even without pressure
-        if self.disk_tier is not None and self.scheduler.waiting:
-            # Before scheduling, so admission finds these prompts' stored blocks in memory.
-            sch = self.scheduler
-            room = max(0, sch.max_batch_size - len(sch.running))
-            self.disk_tier.load(self.block_pool, itertools.islice(sch.waiting, room))
+        self._load_from_disk()  # before scheduling: admission then finds those blocks in memory
         scheduled = self.scheduler.schedule().scheduled
         if not scheduled:
             return outputs
@@ -284,6 +280,18 @@ class LLMEngine:
         for seq, result in zip(sampling, sampled, strict=True):
             outputs.append(self._postprocess(seq, result))
         return outputs
+
+    def _load_from_disk(self) -> None:
+        """Load stored blocks continuing the cached prefixes of the waiting requests that may
+        be admitted now. Best effort: a failure is logged and those blocks get computed."""
+        sch = self.scheduler
+        if self.disk_tier is None or not sch.waiting:
+            return
+        room = max(0, sch.max_batch_size - len(sch.running))
+        try:
+            self.disk_tier.load(self.block_pool, itertools.islice(sch.waiting, room))
+        except Exception:
+            logger.exception("loading KV blocks from the disk tier failed; computing them")
 
     def _execute(self, scheduled: list[ScheduledSequence]) -> StepLogits | None:
         """The batched forward pass; None (with ``_forward_error`` set) if it raised."""
