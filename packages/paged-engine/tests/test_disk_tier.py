@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+import kvquant
 from paged_engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
 from paged_engine.disk_store import DiskBlockStore
-from paged_engine.disk_tier import DiskTier
+from paged_engine.disk_tier import DiskTier, per_block_tensors
 from paged_engine.testing import drain
 
 BS = 4
@@ -257,3 +259,38 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="kv_disk_dir"):
         EngineConfig(kv_disk_dir="")
     assert EngineConfig(kv_disk_dir=Path("d")).kv_disk_dir == "d"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bits", [0, 8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("host_path", [True, False])
+def test_block_bytes_round_trip(
+    tmp_path: Path, bits: int, dtype: torch.dtype, host_path: bool
+) -> None:
+    """Every per-block tensor (K, V and, quantized, their scales) goes out and back bit for bit,
+    through the host copy path and through the batched one accelerators use."""
+    cache = kvquant.KVCache(
+        num_layers=2,
+        num_blocks=8,
+        block_size=BS,
+        num_kv_heads=2,
+        head_dim=8,
+        bits=bits,
+        dtype=dtype,
+    )
+    names = {name.split("[")[0] for name, _ in per_block_tensors(cache)}
+    assert names == ({"k", "v"} if bits == 0 else {"k", "v", "k_scale_zero", "v_scale_zero"})
+    gen = torch.Generator().manual_seed(0)
+    for _, t in per_block_tensors(cache):
+        if t.dtype == torch.uint8:
+            t.copy_(torch.randint(0, 256, t.shape, generator=gen, dtype=torch.uint8))
+        else:
+            t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype))
+    tier = DiskTier(DiskBlockStore(tmp_path, {"t": 1}), cache)
+    tier._on_cpu = host_path
+    rows = tier._copy_out([0, 2, 3])
+    assert all(len(r) == tier.payload_bytes for r in rows)
+    tier._copy_in([5, 6, 7], rows)
+    for name, t in per_block_tensors(cache):
+        assert torch.equal(t[[0, 2, 3]].view(torch.uint8), t[5:8].view(torch.uint8)), name
+    tier.close()

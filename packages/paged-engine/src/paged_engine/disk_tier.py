@@ -82,6 +82,12 @@ def kv_format(cache: kvquant.KVCache, source: ModelSource, seed: int) -> dict[st
     }
 
 
+def _bytes_of(row: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor's memory as a flat uint8 numpy array (a view, not a copy)."""
+    flat: np.ndarray = row.view(torch.uint8).numpy().reshape(-1)
+    return flat
+
+
 @dataclass(frozen=True)
 class DiskTierStats:
     """``hit_tokens``: prompt tokens loaded from disk; ``spills``: blocks written;
@@ -117,6 +123,7 @@ class DiskTier:
         self.tensors = per_block_tensors(cache)
         self._widths = [t[0].numel() * t.element_size() for _, t in self.tensors]
         self.payload_bytes = sum(self._widths)
+        self._on_cpu = torch.device(cache.device).type == "cpu"
         self._queue: queue.Queue[_Spill | None] = queue.Queue(maxsize=queue_blocks)
         self.hit_tokens = 0
         self.spills = 0
@@ -163,13 +170,18 @@ class DiskTier:
 
     def _copy_out(self, block_ids: list[int]) -> list[memoryview]:
         """The payload of each block: its rows of every per-block tensor, as bytes."""
+        if self._on_cpu:
+            # numpy copies run on this thread; torch's would start a parallel region per
+            # tensor, whose spin-waits cost far more than the copy on a busy machine.
+            rows = [np.concatenate([_bytes_of(t[b]) for _, t in self.tensors]) for b in block_ids]
+            return [memoryview(r.data) for r in rows]
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.cache.device)
         parts = [
             t.index_select(0, ids).reshape(len(block_ids), -1).view(torch.uint8)
             for _, t in self.tensors
         ]
-        rows: np.ndarray = torch.cat(parts, dim=1).cpu().numpy()
-        return [memoryview(r) for r in rows]
+        stacked: np.ndarray = torch.cat(parts, dim=1).cpu().numpy()
+        return [memoryview(r.data) for r in stacked]
 
     def _write_forever(self) -> None:
         while True:
@@ -257,6 +269,14 @@ class DiskTier:
         return len(payloads)
 
     def _copy_in(self, block_ids: list[int], payloads: list[memoryview]) -> None:
+        if self._on_cpu:
+            for b, payload in zip(block_ids, payloads, strict=True):
+                src = np.frombuffer(payload, dtype=np.uint8)
+                at = 0
+                for (_, t), width in zip(self.tensors, self._widths, strict=True):
+                    _bytes_of(t[b])[:] = src[at : at + width]
+                    at += width
+            return
         staged = torch.empty((len(payloads), self.payload_bytes), dtype=torch.uint8)
         for i, p in enumerate(payloads):
             staged[i] = torch.frombuffer(p, dtype=torch.uint8)
