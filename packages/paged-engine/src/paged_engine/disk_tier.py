@@ -111,12 +111,15 @@ class _Spill:
 class DiskTier:
     """Connects a ``DiskBlockStore`` to a KV cache and a block pool (see the module docstring).
 
-    ``queue_blocks`` bounds the blocks waiting for the writer. Call ``close`` to write what is
-    queued and stop the writer (the engine does so at shutdown, after ``persist``).
+    ``queue_blocks`` bounds the blocks waiting for the writer (default: as many as fit in
+    ``QUEUE_BYTES``). Call ``close`` to write what is queued and stop the writer (the engine
+    does so at shutdown, after ``persist``).
     """
 
+    QUEUE_BYTES = 256 << 20
+
     def __init__(
-        self, store: DiskBlockStore, cache: kvquant.KVCache, queue_blocks: int = 256
+        self, store: DiskBlockStore, cache: kvquant.KVCache, queue_blocks: int | None = None
     ) -> None:
         self.store = store
         self.cache = cache
@@ -124,6 +127,8 @@ class DiskTier:
         self._widths = [t[0].numel() * t.element_size() for _, t in self.tensors]
         self.payload_bytes = sum(self._widths)
         self._on_cpu = torch.device(cache.device).type == "cpu"
+        if queue_blocks is None:
+            queue_blocks = max(1, self.QUEUE_BYTES // self.payload_bytes)
         self._queue: queue.Queue[_Spill | None] = queue.Queue(maxsize=queue_blocks)
         self.hit_tokens = 0
         self.spills = 0
