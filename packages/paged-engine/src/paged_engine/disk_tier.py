@@ -27,6 +27,7 @@ import kvquant
 from prefix_index import CachedBlock
 
 from .block_pool import BlockPool
+from .config import EngineConfig
 from .disk_store import DiskBlockStore
 from .model_loader import ModelSource
 from .sequence import Sequence as EngineSequence
@@ -54,24 +55,43 @@ def per_block_tensors(cache: kvquant.KVCache) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def kv_format(cache: kvquant.KVCache, source: ModelSource, seed: int) -> dict[str, Any]:
+# EngineConfig fields that change which blocks are cached or when, never a block's K/V values,
+# or whose resolved value the format holds anyway (model, device, dtype, seed of random weights).
+# Any other field (a future one included) is part of the format, so it keeps stores apart.
+_NOT_KV_FIELDS = frozenset(
+    {
+        "model", "device", "dtype", "seed", "cache_size_limit", "num_blocks", "max_batch_size",
+        "max_num_batched_tokens", "max_model_len", "enable_prefix_caching", "eviction_policy",
+        "cache_ttl", "prefix_match_threshold", "kv_disk_dir", "kv_disk_size_limit",
+    }
+)  # fmt: skip
+
+
+def kv_format(cache: kvquant.KVCache, source: ModelSource, config: EngineConfig) -> dict[str, Any]:
     """What a stored block's bytes mean: the model (spec, shape, and its weights: files and
-    sizes, or the seed of random weights) and the KV layout (block size, bits, dtype, every
-    per-block tensor's name, row shape and dtype). Two engines share stored blocks only when
-    this is equal."""
+    sizes, or the seed of random weights), the device kind, the engine settings that can change
+    K/V values, and the KV layout (block size, bits, dtype, every per-block tensor's name, row
+    shape and dtype). Two engines share stored blocks only when this is equal."""
     if source.weights_dir is None:
-        weights: Any = {"random_seed": seed}
+        weights: Any = {"random_seed": config.seed}
     else:
         wd = Path(source.weights_dir).resolve()
         weights = {
             "dir": str(wd),
             "files": sorted((p.name, p.stat().st_size) for p in wd.glob("*.safetensors")),
         }
+    settings = {
+        f.name: str(getattr(config, f.name))
+        for f in dataclasses.fields(config)
+        if f.name not in _NOT_KV_FIELDS
+    }
     return {
         "version": KV_FORMAT_VERSION,
         "model": source.spec,
         "model_config": dataclasses.asdict(source.config),
         "weights": weights,
+        "device": torch.device(cache.device).type,
+        "engine": settings,
         "block_size": cache.block_size,
         "bits": cache.bits,
         "dtype": str(cache.dtype),

@@ -111,7 +111,7 @@ class LLMEngine:
         if config.kv_disk_dir is not None:
             store = DiskBlockStore(
                 config.kv_disk_dir,
-                kv_format(self.kv_cache, self.loaded.source, config.seed),
+                kv_format(self.kv_cache, self.loaded.source, config),
                 size_limit=config.kv_disk_size_limit,
                 ttl=config.cache_ttl,
             )
