@@ -31,8 +31,8 @@ def _serve(in_process_server: Any, model: str, disk: Path | None) -> Any:
     raise AssertionError("the server did not become healthy")
 
 
-def _complete(server: Any, salt: str = "") -> dict[str, Any]:
-    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
+def _complete(server: Any, salt: str = "", prompt: str = PROMPT) -> dict[str, Any]:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 3, "temperature": 0}
     if salt:
         body["cache_salt"] = salt
     r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
@@ -64,8 +64,9 @@ def test_persist_restart_hit_and_reset(
         assert r.status_code == 200, r.text
         assert r.json()["written_blocks"] >= 4 and r.json()["scope"] == "all"
         assert _metric(first, "kv_disk_blocks") >= 4
+        later = _complete(first, prompt=PROMPT.upper())  # cached in memory only, until shutdown
     finally:
-        first.stop()
+        first.stop()  # a graceful shutdown writes the in-memory cache to the disk tier
 
     second = _serve(in_process_server, tiny_model, tmp_path)
     try:
@@ -74,6 +75,8 @@ def test_persist_restart_hit_and_reset(
         assert warm["choices"][0]["text"] == cold["choices"][0]["text"]
         assert _metric(second, "disk_hit_tokens_total") == 64
         assert _metric(second, "prefix_cache_hits_total") == 64
+        again = _complete(second, prompt=PROMPT.upper())
+        assert _cached(again) == 64 and again["choices"][0]["text"] == later["choices"][0]["text"]
         assert (
             _complete(second, salt="other")["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         )
