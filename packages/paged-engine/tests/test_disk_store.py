@@ -61,6 +61,10 @@ def test_round_trip_match_and_reopen(tmp_path: Path) -> None:
 
 def test_namespaces_and_formats_are_apart(tmp_path: Path) -> None:
     store = DiskBlockStore(tmp_path, FMT)
+    long_ns = bytes(range(256)) * 40  # any bytes, any length
+    hl = fill(store, 2, long_ns)
+    assert DiskBlockStore(tmp_path, FMT).match(long_ns, hl) == 2
+    assert store.clear(long_ns) == 2
     ha = fill(store, 2, b"tenant-a")
     hb = fill(store, 2, b"tenant-b")
     assert store.match(b"tenant-b", ha) == 0 and store.get(b"tenant-b", ha[0]) is None

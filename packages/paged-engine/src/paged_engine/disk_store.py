@@ -22,7 +22,8 @@ No ``fsync``: after a power loss a block may be lost or torn, and then it is det
 way. The last-use time of a block is its file's modification time (touched on every hit), so
 the LRU order and the TTL survive a restart.
 
-Thread-safe: one engine thread reads while a writer thread writes.
+Thread-safe: one engine thread reads while a writer thread writes. One process per directory:
+each keeps its own index, and opening a store removes temporary files it finds.
 """
 
 from __future__ import annotations
@@ -370,17 +371,15 @@ class DiskBlockStore:
                 try:
                     st = path.stat()
                     with open(path, "rb") as f:
-                        head = f.read(_HEADER.size + 4096)
+                        parsed = self._parse_header(f.read(_HEADER.size), st.st_size)
+                        namespace = f.read(parsed[0]) if parsed is not None else b""
                 except OSError:
                     continue
-                parsed = self._parse_header(head, st.st_size)
-                ns_len = parsed[0] if parsed else 0
-                if parsed is None or len(head) < _HEADER.size + ns_len:
+                if parsed is None or len(namespace) != parsed[0]:
                     logger.warning("KV block file %s is truncated or damaged; skipped", path)
                     self._corrupt += 1
                     _unlink([path])
                     continue
-                namespace = head[_HEADER.size : _HEADER.size + ns_len]
                 key = (namespace, parsed[3])
                 found.append((st.st_mtime, key, _Entry(path, st.st_size, st.st_mtime)))
         found.sort(key=lambda t: t[0])
