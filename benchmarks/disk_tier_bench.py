@@ -55,7 +55,8 @@ def restart_run(
 ) -> dict[str, Any]:
     disk = root / f"bits{bits}"
     cfg = EngineConfig(
-        model=model, device="cpu", quant_policy=bits, num_blocks=num_blocks, kv_disk_dir=str(disk)
+        model=model, device="cpu", dtype="float32", quant_policy=bits, num_blocks=num_blocks,
+        kv_disk_dir=str(disk),
     )
     first = LLMEngine(cfg)
     cold = serve(first, prompts, max_tokens)

@@ -111,7 +111,12 @@ class LLMEngine:
         if config.kv_disk_dir is not None:
             store = DiskBlockStore(
                 config.kv_disk_dir,
-                kv_format(self.kv_cache, self.loaded.source, config),
+                # Resolved settings: "auto" means different things on different machines.
+                kv_format(
+                    self.kv_cache,
+                    self.loaded.source,
+                    config.replace(weight_quant=self.weight_quant, dtype=self.dtype),
+                ),
                 size_limit=config.kv_disk_size_limit,
                 ttl=config.cache_ttl,
             )
