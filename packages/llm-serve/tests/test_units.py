@@ -75,6 +75,10 @@ def test_engine_flags_parse_into_the_config() -> None:
         cfg = engine_args.engine_config_from_args(args, None)
         assert cfg.enable_prefix_caching is False
         assert cfg.cache_ttl is None  # type: ignore[attr-defined]
+    args = _serve_args("--kv-disk-dir", "/tmp/kv", "--kv-disk-size-limit", "1000000")
+    cfg = engine_args.engine_config_from_args(args, None)
+    assert (cfg.kv_disk_dir, cfg.kv_disk_size_limit) == ("/tmp/kv", 1_000_000)
+    assert engine_args.engine_config_from_args(_serve_args(), None).kv_disk_dir is None
     with pytest.raises(SystemExit):
         _serve_args("--max-batch-size", "many")
     with pytest.raises(ValueError):

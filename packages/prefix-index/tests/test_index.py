@@ -161,6 +161,21 @@ def test_refcounted_blocks_are_never_evicted_and_parents_go_last() -> None:
     assert len(idx) == 0 and idx.evict(1) == []
 
 
+def test_evict_blocks_and_blocks_describe_what_a_second_tier_needs() -> None:
+    idx = PrefixIndex(B, policy="lru")
+    idx.insert(toks(1, 2), [1, 2], b"ns")
+    idx.insert(toks(5), [5])
+    h1, h2 = block_hashes(toks(1, 2), B, b"ns")
+    listed = {b.handle: b for b in idx.blocks()}
+    assert set(listed) == {1, 2, 5}
+    assert [b.handle for b in idx.blocks(b"ns")] == [1, 2]  # parents first
+    assert listed[2].parent_hash == h1 and listed[2].hash == h2 and listed[1].parent_hash is None
+    out = idx.evict_blocks(2)
+    assert [(b.handle, b.namespace, b.tokens) for b in out] == [(2, b"ns", toks(2)), (1, b"ns", toks(1))]
+    assert out[0].hash == h2 and out[0].parent_hash == h1 and out[1].parent_hash is None
+    assert len(idx) == 1 and idx.blocks(b"ns") == []
+
+
 def test_evict_continues_into_parents_by_priority() -> None:
     idx = PrefixIndex(B, policy="lru")
     idx.insert(toks(1, 2), [1, 2])

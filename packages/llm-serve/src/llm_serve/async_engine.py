@@ -287,6 +287,11 @@ class AsyncEngine:
             self._call_in_loop(self._fail_all, EngineDeadError(f"the engine failed: {exc}"))
             if self._on_failure is not None:
                 self._call_in_loop(self._on_failure, exc)
+            return
+        try:
+            engine.close()  # graceful: the prefix cache goes to the disk tier, when there is one
+        except Exception:
+            logger.exception("closing the engine failed")
 
     def _serve(self, engine: LLMEngine) -> None:
         live: set[str] = set()  # ids added to the engine and not yet reported finished

@@ -41,6 +41,10 @@ ENGINE_FLAG_HELP: Mapping[str, str] = {
     "cache_ttl": "seconds an unused cached block may live; 'none' (the default): no limit",
     "prefix_match_threshold": "fraction of a prompt that must be cached for a request to count "
     "as a cache hit when scheduling",
+    "kv_disk_dir": "directory of the disk tier of the prefix cache: evicted blocks are written "
+    "there and survive restarts; 'none' (the default): no disk tier",
+    "kv_disk_size_limit": "bytes the disk tier may hold; the least recently used blocks go "
+    "first; 'none' (the default): no limit",
     "seed": "seed of the engine's random stream (requests with their own seed are independent)",
 }
 

@@ -140,6 +140,32 @@ class _EngineCollector(Collector):
             s.num_expirations if s else 0,
         )
         yield counter(
+            "disk_hit_tokens_total",
+            "Prompt tokens loaded from the disk tier (also counted in prefix_cache_hits_total).",
+            s.disk_hit_tokens if s else 0,
+        )
+        yield counter(
+            "disk_spills_total",
+            "KV blocks written to the disk tier (evicted, persisted or at shutdown).",
+            s.disk_spills if s else 0,
+        )
+        yield counter(
+            "disk_spill_drops_total",
+            "KV blocks not written to the disk tier because its writer's queue was full.",
+            s.disk_spill_drops if s else 0,
+        )
+        yield counter(
+            "disk_load_seconds_total",
+            "Seconds spent loading KV blocks from the disk tier at admission.",
+            s.disk_load_seconds if s else 0.0,
+        )
+        yield gauge(
+            "kv_disk_blocks", "KV blocks stored in the disk tier.", s.disk_blocks if s else 0
+        )
+        yield gauge(
+            "kv_disk_bytes", "Bytes of the disk tier's block files.", s.disk_bytes if s else 0
+        )
+        yield counter(
             "num_preemptions_total",
             "Running requests preempted for lack of KV blocks (recomputed later).",
             s.num_preemptions if s else 0,
@@ -269,14 +295,16 @@ async def _engine_call(state: ServerState, fn: Any) -> Any:
 
 
 def cache_router() -> APIRouter:
-    """``GET /v1/cache/stats`` and ``POST /v1/cache/reset``.
+    """``GET /v1/cache/stats``, ``POST /v1/cache/reset`` and ``POST /v1/cache/persist``.
 
     The stats are engine-wide (all tenants together), taken on the engine thread between two
     steps. The reset drops the unreferenced cached blocks of the caller's namespace: with API
     keys, ``xxh3_128(key) + cache_salt`` for the body's ``cache_salt`` (default empty), so a
     tenant resets one of its namespaces at a time and never another tenant's; without keys,
     the namespace of the given ``cache_salt``, or every namespace when none is given. Blocks
-    held by running requests stay.
+    held by running requests stay. The reset clears the disk tier's blocks of that scope too;
+    the persist writes the in-memory cache of that scope to the disk tier and answers when it
+    is written (400 when the server runs without ``--kv-disk-dir``).
     """
     router = APIRouter()
 
@@ -287,23 +315,31 @@ def cache_router() -> APIRouter:
         block_size = state.engine.engine.config.block_size
         return JSONResponse(cache_stats_dict(stats, block_size))
 
-    @router.post("/v1/cache/reset")
-    async def cache_reset(request: Request) -> Response:
+    async def scope_of(request: Request) -> tuple[ServerState, bytes | None, str]:
         state = get_state(request)
         raw = await request.body()
         body = parse_request(CacheResetRequest, raw) if raw.strip() else CacheResetRequest()
-        namespace: bytes | None
         if state.settings.api_keys:
-            namespace = state.cache_namespace(request, body.cache_salt or "")
-            scope = "tenant"
-        elif body.cache_salt is not None:
-            namespace = body.cache_salt.encode("utf-8")
-            scope = "namespace"
-        else:
-            namespace = None
-            scope = "all"
+            return state, state.cache_namespace(request, body.cache_salt or ""), "tenant"
+        if body.cache_salt is not None:
+            return state, body.cache_salt.encode("utf-8"), "namespace"
+        return state, None, "all"
+
+    @router.post("/v1/cache/reset")
+    async def cache_reset(request: Request) -> Response:
+        state, namespace, scope = await scope_of(request)
         freed: int = await _engine_call(state, lambda engine: engine.reset_prefix_cache(namespace))
         return JSONResponse({"object": "cache.reset", "scope": scope, "freed_blocks": freed})
+
+    @router.post("/v1/cache/persist")
+    async def cache_persist(request: Request) -> Response:
+        state, namespace, scope = await scope_of(request)
+        if state.engine.ready and state.engine.engine.disk_tier is None:
+            raise APIError(400, "the disk tier is off: start the server with --kv-disk-dir")
+        written: int = await _engine_call(
+            state, lambda engine: engine.persist_prefix_cache(namespace)
+        )
+        return JSONResponse({"object": "cache.persist", "scope": scope, "written_blocks": written})
 
     return router
 

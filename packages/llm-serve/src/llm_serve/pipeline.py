@@ -223,8 +223,10 @@ class Pipeline:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free the engine (its weights and KV cache). Idempotent."""
+        """Free the engine (its weights and KV cache), first writing its prefix cache to the
+        disk tier when there is one. Idempotent."""
         if self._engine is not None:
+            self._engine.close()
             self._engine = None
             import gc
 

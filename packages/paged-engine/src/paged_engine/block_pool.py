@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from prefix_index import Match, PrefixIndex
+from prefix_index import CachedBlock, Match, PrefixIndex
 
 __all__ = ["BlockPool", "NoFreeBlocksError"]
 
@@ -32,6 +32,8 @@ class BlockPool:
     cached one), so every cached block can eventually be evicted, leaves first.
 
     Allocation takes the oldest free block first, so recently freed blocks are reused last.
+    ``on_evict``, when set, sees the blocks the index evicts before their memory is reused
+    (a second cache tier copies them out).
     """
 
     def __init__(self, num_blocks: int, block_size: int, index: PrefixIndex | None = None) -> None:
@@ -48,6 +50,7 @@ class BlockPool:
         self._free: deque[int] = deque(range(num_blocks))
         self.num_evicted = 0
         self.num_expired = 0
+        self.on_evict: Callable[[list[CachedBlock]], object] | None = None
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -89,7 +92,12 @@ class BlockPool:
             raise NoFreeBlocksError(f"asked for {n} KV blocks, {self.num_available()} available")
         short = n - len(self._free)
         if short > 0 and self.index is not None:
-            evicted = self.index.evict(short)
+            if self.on_evict is None:
+                evicted = self.index.evict(short)
+            else:
+                blocks = self.index.evict_blocks(short)
+                self.on_evict(blocks)
+                evicted = [b.handle for b in blocks]
             self.num_evicted += len(evicted)
             self._free.extend(evicted)
         out = [self._free.popleft() for _ in range(n)]

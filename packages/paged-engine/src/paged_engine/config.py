@@ -63,6 +63,12 @@ class EngineConfig:
     (in [0, 1]) never makes reuse approximate: it is the fraction of a prompt that must already
     be cached for the request to count as a cache hit; the scheduler admits hits first, and a
     request passed over too often goes first (so nothing starves).
+
+    Disk tier (off by default): with ``kv_disk_dir`` set, cached blocks the pool evicts are
+    written to that directory in the background and loaded back when a later prompt continues
+    past the in-memory cache, also after a restart. ``kv_disk_size_limit`` (bytes, None = no
+    limit) bounds the directory's blocks (least recently used go first); ``cache_ttl`` applies
+    to stored blocks too.
     """
 
     model: str = "default"
@@ -81,6 +87,8 @@ class EngineConfig:
     cache_ttl: float | None = None
     prefix_match_threshold: float = 0.5
     weight_quant: str | None = "auto"
+    kv_disk_dir: str | None = None
+    kv_disk_size_limit: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -127,6 +135,24 @@ class EngineConfig:
             _check_int("max_model_len", self.max_model_len, minimum=2)
         _check_int("seed", self.seed, minimum=0)
         self._check_prefix_caching()
+        self._check_disk_tier()
+
+    def _check_disk_tier(self) -> None:
+        if self.kv_disk_dir is not None:
+            if isinstance(self.kv_disk_dir, os.PathLike):
+                self.kv_disk_dir = os.fspath(self.kv_disk_dir)
+            if not isinstance(self.kv_disk_dir, str) or not self.kv_disk_dir:
+                raise ValueError(
+                    f"EngineConfig.kv_disk_dir must be a directory path or None (no disk tier), "
+                    f"got {self.kv_disk_dir!r}"
+                )
+            if not self.enable_prefix_caching:
+                raise ValueError(
+                    "EngineConfig.kv_disk_dir needs enable_prefix_caching=True: the disk tier "
+                    "holds blocks the prefix cache evicts"
+                )
+        if self.kv_disk_size_limit is not None:
+            _check_int("kv_disk_size_limit", self.kv_disk_size_limit, minimum=1)
 
     def _check_prefix_caching(self) -> None:
         if not isinstance(self.enable_prefix_caching, bool):

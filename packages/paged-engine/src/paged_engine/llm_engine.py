@@ -16,6 +16,8 @@ from prefix_index import PrefixIndex
 from .block_pool import BlockPool
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .disk_store import DiskBlockStore
+from .disk_tier import DiskTier, kv_format
 from .model_loader import LoadedModel, load_model, resolve_model
 from .model_runner import ModelRunner, StepLogits
 from .outputs import EngineStats, FinishReason, RequestOutput
@@ -105,6 +107,21 @@ class LLMEngine:
             else None
         )
         self.block_pool = BlockPool(num_blocks, config.block_size, index)
+        self.disk_tier: DiskTier | None = None
+        if config.kv_disk_dir is not None:
+            store = DiskBlockStore(
+                config.kv_disk_dir,
+                # Resolved settings: "auto" means different things on different machines.
+                kv_format(
+                    self.kv_cache,
+                    self.loaded.source,
+                    config.replace(weight_quant=self.weight_quant, dtype=self.dtype),
+                ),
+                size_limit=config.kv_disk_size_limit,
+                ttl=config.cache_ttl,
+            )
+            self.disk_tier = DiskTier(store, self.kv_cache)
+            self.block_pool.on_evict = self.disk_tier.spill
         # No sequence may outgrow the pool, so the oldest running one can always make progress.
         self.max_seq_len = min(self.max_model_len, num_blocks * config.block_size)
         self.scheduler = Scheduler(
@@ -252,6 +269,7 @@ class LLMEngine:
         a row: the engine cannot make progress and should be restarted."""
         outputs, self._pending = self._pending, []
         self.block_pool.expire()  # O(expired): idle cached blocks go even without pressure
+        self._load_from_disk()  # before scheduling: admission then finds those blocks in memory
         scheduled = self.scheduler.schedule().scheduled
         if not scheduled:
             return outputs
@@ -267,6 +285,18 @@ class LLMEngine:
         for seq, result in zip(sampling, sampled, strict=True):
             outputs.append(self._postprocess(seq, result))
         return outputs
+
+    def _load_from_disk(self) -> None:
+        """Load stored blocks continuing the cached prefixes of the waiting requests that may
+        be admitted now. Best effort: a failure is logged and those blocks get computed."""
+        sch = self.scheduler
+        if self.disk_tier is None or not sch.waiting:
+            return
+        room = max(0, sch.max_batch_size - len(sch.running))
+        try:
+            self.disk_tier.load(self.block_pool, itertools.islice(sch.waiting, room))
+        except Exception:
+            logger.exception("loading KV blocks from the disk tier failed; computing them")
 
     def _execute(self, scheduled: list[ScheduledSequence]) -> StepLogits | None:
         """The batched forward pass; None (with ``_forward_error`` set) if it raised."""
@@ -373,9 +403,35 @@ class LLMEngine:
         seq.num_published_blocks = full
 
     def reset_prefix_cache(self, cache_salt: bytes | None = None) -> int:
-        """Drop every cached block nobody is using, of one namespace or (None) all; returns how
-        many blocks were freed. Blocks of running requests stay."""
+        """Drop every cached block nobody is using, of one namespace or (None) all, in memory
+        and on disk; returns how many blocks were freed in memory. Blocks of running requests
+        stay in memory."""
+        if self.disk_tier is not None:
+            self.disk_tier.clear(cache_salt)
         return self.block_pool.clear_cache(cache_salt)
+
+    def persist_prefix_cache(self, cache_salt: bytes | None = None) -> int:
+        """Write every block of the in-memory prefix cache (of one namespace or, None, all) to
+        the disk tier and wait until written; returns how many blocks were written (blocks
+        already on disk are not). Raises ValueError when the disk tier is off."""
+        if self.disk_tier is None:
+            raise ValueError("the disk tier is off: set EngineConfig.kv_disk_dir to persist")
+        assert self.block_pool.index is not None
+        # Children before parents, as eviction spills them: under the disk's size limit a
+        # chain then loses its tail first, and its head stays usable.
+        blocks = self.block_pool.index.blocks(cache_salt)[::-1]
+        n = self.disk_tier.spill(blocks, wait=True)
+        self.disk_tier.flush()
+        return n
+
+    def close(self) -> None:
+        """Shut down gracefully: persist the prefix cache to the disk tier (when on) and stop
+        its writer. The engine must not be stepped afterwards. Idempotent."""
+        if self.disk_tier is not None:
+            self.persist_prefix_cache()
+            self.disk_tier.close()
+            self.block_pool.on_evict = None
+            self.disk_tier = None
 
     def _take_prompt_logits(
         self, scheduled: list[ScheduledSequence], prompt: dict[int, tuple[int, torch.Tensor]]
@@ -516,6 +572,7 @@ class LLMEngine:
             num_finished=self._num_finished,
             prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=self._generation_tokens,
+            **(self.disk_tier.engine_stats() if self.disk_tier is not None else {}),
         )
 
     def check_invariants(self) -> None:

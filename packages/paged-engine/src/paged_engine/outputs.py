@@ -68,6 +68,10 @@ class EngineStats:
     blocks are reclaimable and do not count). Prefix-cache tokens are counted once per request,
     at its first admission: ``prefix_cache_hit_rate`` = hit tokens / queried (prompt) tokens.
     ``num_evictions`` / ``num_expirations`` count cached blocks dropped for room or by the TTL.
+    Disk tier (zero when off): ``disk_hit_tokens`` prompt tokens loaded from disk (they also
+    count in ``prefix_cache_hit_tokens``), ``disk_blocks`` / ``disk_bytes`` stored now,
+    ``disk_spills`` blocks written, ``disk_spill_drops`` spills dropped (writer queue full),
+    ``disk_load_seconds`` time spent loading.
     """
 
     num_blocks_total: int
@@ -85,6 +89,12 @@ class EngineStats:
     prefix_cache_hit_tokens: int = 0
     num_evictions: int = 0
     num_expirations: int = 0
+    disk_hit_tokens: int = 0
+    disk_blocks: int = 0
+    disk_bytes: int = 0
+    disk_spills: int = 0
+    disk_spill_drops: int = 0
+    disk_load_seconds: float = 0.0
 
     @property
     def prefix_cache_hit_rate(self) -> float:

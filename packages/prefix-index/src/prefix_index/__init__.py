@@ -4,7 +4,7 @@ Pure Python plus xxhash, so any engine or router can reuse it.
 """
 
 from .hashing import Hasher, block_hashes, default_hasher, namespace_seed, pack_tokens
-from .index import Match, PrefixIndex
+from .index import CachedBlock, Match, PrefixIndex
 from .policy import BlockAccess, EvictionPolicy, HybridPolicy, LFUPolicy, LRUPolicy, make_policy
 from .stats import IndexStats
 
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockAccess",
+    "CachedBlock",
     "EvictionPolicy",
     "Hasher",
     "HybridPolicy",

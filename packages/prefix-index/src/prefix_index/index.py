@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,25 @@ class _Node:
     touch_baseline: float = 0.0  # the eviction baseline when last touched: fixes its priority
     version: int = 0  # bumped on every heap push; older heap entries are stale
     alive: bool = True
+
+
+@dataclass(frozen=True)
+class CachedBlock:
+    """A cached block as a second tier needs it: ``hash`` (chained), ``parent_hash`` (None for a
+    namespace's first block), its ``tokens`` and the caller's ``handle``."""
+
+    handle: int
+    namespace: bytes
+    hash: bytes
+    parent_hash: bytes | None
+    tokens: list[int]
+
+
+def _describe(node: _Node) -> CachedBlock:
+    parent = node.parent
+    parent_hash = parent.hash if parent is not None and parent.parent is not None else None
+    tokens = list(struct.unpack(f"<{len(node.block) // 4}i", node.block))
+    return CachedBlock(node.handle, node.namespace, node.hash, parent_hash, tokens)
 
 
 _HeapEntry = tuple[float, int, int, int, _Node]  # (key, tie, seq, version, node)
@@ -274,7 +294,12 @@ class PrefixIndex:
         """Remove up to ``n`` unreferenced leaf blocks, lowest priority first, continuing into
         parents that become leaves; returns their handles for the caller to reuse.
         Cost: O(log n) per evicted block (amortized)."""
-        out: list[int] = []
+        return [b.handle for b in self.evict_blocks(n)]
+
+    def evict_blocks(self, n: int) -> list[CachedBlock]:
+        """``evict``, returning each removed block's description (for a caller that keeps
+        evicted blocks in a second tier), children before their parents."""
+        out: list[CachedBlock] = []
         while len(out) < n and self._evict_heap:
             prio, _, _, version, node = heapq.heappop(self._evict_heap)
             if not self._is_current(node, version):
@@ -282,7 +307,7 @@ class PrefixIndex:
             self._baseline = max(self._baseline, prio)
             self._remove(node)
             self._evicted += 1
-            out.append(node.handle)
+            out.append(_describe(node))
         return out
 
     def expire(self, now: float | None = None) -> list[int]:
@@ -313,6 +338,20 @@ class PrefixIndex:
             if root is not None:
                 self._clear_subtree(root, out)
         self._cleared += len(out)
+        return out
+
+    def blocks(self, namespace: bytes | None = None) -> list[CachedBlock]:
+        """Every cached block (of one namespace, or all), parents before their children. No
+        side effects. Cost: O(blocks in scope)."""
+        roots = (
+            list(self._roots.values()) if namespace is None else [self._roots.get(bytes(namespace))]
+        )
+        out: list[CachedBlock] = []
+        stack = [c for r in roots if r is not None for c in r.children.values()]
+        while stack:
+            node = stack.pop()
+            out.append(_describe(node))
+            stack.extend(node.children.values())
         return out
 
     def stats(self) -> IndexStats:
