@@ -261,9 +261,7 @@ class LLMEngine:
         self._take_prompt_logits(scheduled, logits.prompt)
         sampling = [s.seq for s in scheduled if s.completes]
         sampled = self._sample(sampling, logits.sample)
-        for s in scheduled:
-            s.seq.num_computed_tokens += s.num_tokens
-            self._publish(s.seq)
+        self.scheduler.computed(scheduled)
         for seq, result in zip(sampling, sampled, strict=True):
             outputs.append(self._postprocess(seq, result))
         return outputs
@@ -335,10 +333,6 @@ class LLMEngine:
             seq.append_token(
                 token, logprobs, detokenize=seq.params.include_stop_str_in_output or not stop_token
             )
-            if seq.prompt_logprobs is not None:
-                # Prompt positions reused from the prefix cache produced no logits: None.
-                missing = seq.num_prompt_tokens - len(seq.prompt_logprobs)
-                seq.prompt_logprobs.extend([None] * missing)
             self._generation_tokens += 1
             reason = self._stop_reason(seq, token, stop_token)
             if reason is not None:
@@ -361,16 +355,6 @@ class LLMEngine:
         """Finish a running request with ``finish_reason="error"``; its blocks are freed."""
         self._finish(seq, "error", error)
         return seq.to_output()
-
-    def _publish(self, seq: Sequence) -> None:
-        """Offer the sequence's newly completed full blocks to the prefix cache."""
-        bs = self.config.block_size
-        full = seq.num_computed_tokens // bs
-        if self.block_pool.index is None or full <= seq.num_published_blocks:
-            return
-        hashes = seq.hashes_for(full, bs)
-        seq.block_ids = self.block_pool.publish(seq.block_ids, seq.token_ids, seq.cache_salt, hashes)
-        seq.num_published_blocks = full
 
     def reset_prefix_cache(self, cache_salt: bytes | None = None) -> int:
         """Drop every cached block nobody is using, of one namespace or (None) all; returns how
