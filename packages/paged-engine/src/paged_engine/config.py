@@ -9,6 +9,10 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "DTYPES",
+    "EVICTION_POLICIES",
+    "QUANT_POLICIES",
+    "WEIGHT_QUANT_CHOICES",
     "EngineConfig",
     "available_host_memory",
     "cpu_has_native_bf16",
@@ -16,7 +20,7 @@ __all__ = [
     "free_device_memory",
 ]
 
-_DTYPES: dict[str, torch.dtype] = {
+DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float": torch.float32,
     "fp32": torch.float32,
@@ -39,6 +43,7 @@ CPU_CACHE_FRACTION = 0.5
 CPU_CACHE_CAP_BYTES = 4 << 30
 EVICTION_POLICIES = ("lru", "lfu", "hybrid")
 WEIGHT_QUANT_CHOICES = ("auto", "int8", "int4")
+QUANT_POLICIES = (0, 8, 4)  # bits of the stored K/V: 0 = unquantized
 
 
 @dataclass
@@ -101,7 +106,7 @@ class EngineConfig:
                 f"EngineConfig.block_size must be a power of two (the attention kernels tile by it), "
                 f"got {self.block_size}; 16 is the default"
             )
-        if self.quant_policy not in (0, 4, 8) or isinstance(self.quant_policy, bool):
+        if self.quant_policy not in QUANT_POLICIES or isinstance(self.quant_policy, bool):
             raise ValueError(
                 f"EngineConfig.quant_policy must be 0 (no KV quantization), 8 (int8) or 4 (int4), "
                 f"got {self.quant_policy!r}"
@@ -176,9 +181,9 @@ class EngineConfig:
 
     def _check_dtype(self) -> None:
         if isinstance(self.dtype, torch.dtype):
-            ok = self.dtype in _DTYPES.values()
+            ok = self.dtype in DTYPES.values()
         else:
-            ok = self.dtype == "auto" or self.dtype in _DTYPES
+            ok = self.dtype == "auto" or self.dtype in DTYPES
         if not ok:
             raise ValueError(
                 f"EngineConfig.dtype must be 'auto', 'float32', 'float16' or 'bfloat16', "
@@ -203,7 +208,7 @@ class EngineConfig:
         if self.dtype == "auto":
             native = self.torch_device().type == "cuda" or cpu_has_native_bf16()
             return torch.bfloat16 if native else torch.float32
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
     def resolved_weight_quant(self, native_4bit: bool) -> str | None:
         """The weight format to run (None: as loaded). ``native_4bit``: the model file's linear

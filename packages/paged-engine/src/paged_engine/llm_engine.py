@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -25,7 +25,13 @@ from .scheduler import ScheduledSequence, Scheduler
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 
-__all__ = ["MAX_CONSECUTIVE_FORWARD_FAILURES", "EngineFailedError", "LLMEngine", "Prompt"]
+__all__ = [
+    "MAX_CONSECUTIVE_FORWARD_FAILURES",
+    "EngineFailedError",
+    "LLMEngine",
+    "Prompt",
+    "PromptTooLongError",
+]
 
 Prompt = str | list[int]
 
@@ -34,6 +40,10 @@ logger = logging.getLogger(__name__)
 # After this many failed forward passes in a row the engine gives up (a broken device or model,
 # not one bad request) and ``step`` raises ``EngineFailedError``.
 MAX_CONSECUTIVE_FORWARD_FAILURES = 3
+
+
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room for a generated token, or can never fit the KV pool."""
 
 
 class EngineFailedError(RuntimeError):
@@ -162,8 +172,12 @@ class LLMEngine:
         param: str | None = None
         generator: torch.Generator | None = None
         try:
-            token_ids = self._tokenize(prompt)
-            self._validate(token_ids, params)
+            if not isinstance(params, SamplingParams):
+                raise ValueError(
+                    f"sampling params must be SamplingParams, got {type(params).__name__}"
+                )
+            params.validate()
+            token_ids = self.check_prompt(prompt)
             generator = self.sampler.request_generator(params)
         except (ValueError, TypeError, OverflowError) as exc:
             error = str(exc)
@@ -191,21 +205,22 @@ class LLMEngine:
         self._prompt_tokens += len(token_ids)
         self.scheduler.add(seq)
 
-    def _tokenize(self, prompt: Prompt) -> list[int]:
+    def check_prompt(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids (a string is tokenized), checked as ``add_request`` would.
+
+        Raises ValueError for a prompt that is not a string or a list of ints, is empty, has ids
+        outside the vocabulary, and ``PromptTooLongError`` (a ValueError) for one that leaves no
+        room for a generated token (``max_model_len``) or can never fit the KV pool."""
         if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
-        if isinstance(prompt, (list, tuple)):
+            token_ids = list(self.tokenizer.encode(prompt))
+        elif isinstance(prompt, (list, tuple)):
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 raise ValueError("a token-id prompt must be a list of ints")
-            return list(prompt)
-        raise ValueError(
-            f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}"
-        )
-
-    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        params.validate()
+            token_ids = list(prompt)
+        else:
+            raise ValueError(
+                f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}"
+            )
         if not token_ids:
             raise ValueError("the prompt is empty: at least one token is needed")
         vocab = self.model_config.vocab_size
@@ -214,16 +229,53 @@ class LLMEngine:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         n = len(token_ids)
         if n >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {n} tokens but max_model_len is {self.max_model_len}: at most "
-                f"{self.max_model_len - 1} prompt tokens leave room for one generated token"
+            raise PromptTooLongError(
+                f"the prompt is too long: it has {n} tokens but max_model_len is "
+                f"{self.max_model_len}; at most {self.max_model_len - 1} prompt tokens leave "
+                f"room for one generated token"
             )
         if n >= self.max_seq_len:
-            raise ValueError(
-                f"the prompt has {n} tokens but the KV cache holds only {self.max_seq_len} tokens "
-                f"({self.block_pool.num_blocks} blocks of {self.config.block_size}), so it can never "
-                f"fit; raise num_blocks or cache_size_limit"
+            raise PromptTooLongError(
+                f"the prompt is too long: it has {n} tokens but the KV cache holds only "
+                f"{self.max_seq_len} tokens ({self.block_pool.num_blocks} blocks of "
+                f"{self.config.block_size}), so it can never fit; raise num_blocks or "
+                f"cache_size_limit"
             )
+        return token_ids
+
+    def chat_prompt(
+        self,
+        messages: Seq[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        """The token ids of ``messages`` (``{"role", "content", ...}`` dicts) under the model's
+        chat template: ready for the assistant's reply (``add_generation_prompt``), or leaving
+        the last message open for the model to continue (``continue_final_message``).
+        ``chat_template_kwargs`` go to the template (e.g. ``enable_thinking``). Raises
+        ValueError when the template cannot format the messages."""
+        if add_generation_prompt and continue_final_message:
+            raise ValueError(
+                "continue_final_message continues the last message, so add_generation_prompt "
+                "must be false with it"
+            )
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [dict(m) for m in messages],
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **dict(chat_template_kwargs or {}),
+            )
+        except Exception as exc:  # templates raise anything (jinja errors, their own checks)
+            raise ValueError(
+                f"this model's chat template cannot format these messages: {exc}"
+            ) from None
+        if not isinstance(text, str):
+            raise ValueError(f"the chat template returned {type(text).__name__}, not text")
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks; its final output (``abort``) comes with the next
