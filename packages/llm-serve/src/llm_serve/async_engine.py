@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from paged_engine import EngineStats, LLMEngine, RequestOutput, SamplingParams
@@ -48,13 +48,14 @@ class QueueFullError(RuntimeError):
 
 @dataclass
 class EngineRequest:
-    """One engine request: a tokenized prompt, its sampling parameters, and extra keyword
-    arguments for ``LLMEngine.add_request`` (e.g. ``cache_salt`` once the engine takes it)."""
+    """One engine request: what ``LLMEngine.add_request`` takes (``arrival_time``:
+    ``time.monotonic()``, set by ``AsyncEngine.add`` when None)."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    extra: dict[str, Any] = field(default_factory=dict)
+    cache_salt: bytes = b""
+    arrival_time: float | None = None
 
 
 class OutputStream:
@@ -205,7 +206,7 @@ class AsyncEngine:
 
         Call from the event loop given to ``start``. Raises ``EngineNotReadyError``,
         ``EngineDeadError`` or ``QueueFullError`` without queueing anything. A request's
-        arrival time (``extra["arrival_time"]``, ``time.monotonic()``) is now unless given, so
+        ``arrival_time`` is now unless given, so
         time spent queued here counts towards its queue time and time to first token.
         """
         if self.fatal_error is not None:
@@ -222,7 +223,8 @@ class AsyncEngine:
                 )
             now = time.monotonic()
             for r in requests:
-                r.extra.setdefault("arrival_time", now)
+                if r.arrival_time is None:
+                    r.arrival_time = now
                 self._streams[r.request_id] = stream
             self._inbox.extend(requests)
             self._cond.notify_all()
@@ -317,10 +319,14 @@ class AsyncEngine:
             for req in adds:
                 try:
                     engine.add_request(
-                        req.request_id, req.prompt_token_ids, req.params, **req.extra
+                        req.request_id,
+                        req.prompt_token_ids,
+                        req.params,
+                        req.arrival_time,
+                        req.cache_salt,
                     )
                     live.add(req.request_id)
-                except Exception as exc:  # a duplicate id or an engine that rejects a kwarg
+                except Exception as exc:  # a duplicate request id
                     outputs.append(
                         RequestOutput(
                             request_id=req.request_id,

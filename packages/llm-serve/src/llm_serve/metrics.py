@@ -1,4 +1,4 @@
-"""Prometheus metrics, the cache routes and the periodic statistics log line.
+"""Prometheus metrics and the periodic statistics log line.
 
 Every app has its own ``CollectorRegistry`` (nothing touches prometheus_client's global one),
 so several servers can live in one process. Engine-wide figures come from the ``EngineStats``
@@ -16,27 +16,23 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, Field
 
 from paged_engine import EngineStats, RequestOutput
 
-from .async_engine import AsyncEngine, EngineDeadError, EngineNotReadyError
-from .protocol import APIError, parse_request
-from .state import ServerState, get_state
+from .async_engine import AsyncEngine
+from .protocol import APIError
+from .state import get_state
 
 __all__ = [
     "METRIC_PREFIX",
     "ServerMetrics",
     "StatsLogger",
-    "cache_router",
-    "cache_stats_dict",
     "log_stats_forever",
     "metrics_router",
 ]
@@ -237,73 +233,6 @@ def metrics_router() -> APIRouter:
         if state.metrics is None:
             raise APIError(404, "metrics are not enabled on this server", type="not_found_error")
         return Response(content=state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
-    return router
-
-
-# -- cache routes -----------------------------------------------------------------------------------
-
-
-def cache_stats_dict(stats: EngineStats, block_size: int | None = None) -> dict[str, Any]:
-    """The cache figures of ``stats`` as a JSON-ready dict (every ``EngineStats`` field plus
-    ``prefix_cache_hit_rate`` and, when given, ``block_size``)."""
-    out: dict[str, Any] = dataclasses.asdict(stats)
-    out["prefix_cache_hit_rate"] = stats.prefix_cache_hit_rate
-    if block_size is not None:
-        out["block_size"] = block_size
-    return out
-
-
-class CacheResetRequest(BaseModel):
-    """``POST /v1/cache/reset`` body (optional): the ``cache_salt`` whose namespace to reset."""
-
-    cache_salt: str | None = Field(default=None)
-
-
-async def _engine_call(state: ServerState, fn: Any) -> Any:
-    state.check_available()
-    try:
-        return await state.engine.call(fn)
-    except (EngineNotReadyError, EngineDeadError) as exc:
-        raise APIError(503, str(exc), type="service_unavailable") from None
-
-
-def cache_router() -> APIRouter:
-    """``GET /v1/cache/stats`` and ``POST /v1/cache/reset``.
-
-    The stats are engine-wide (all tenants together), taken on the engine thread between two
-    steps. The reset drops the unreferenced cached blocks of the caller's namespace: with API
-    keys, ``xxh3_128(key) + cache_salt`` for the body's ``cache_salt`` (default empty), so a
-    tenant resets one of its namespaces at a time and never another tenant's; without keys,
-    the namespace of the given ``cache_salt``, or every namespace when none is given. Blocks
-    held by running requests stay.
-    """
-    router = APIRouter()
-
-    @router.get("/v1/cache/stats")
-    async def cache_stats(request: Request) -> Response:
-        state = get_state(request)
-        stats: EngineStats = await _engine_call(state, lambda engine: engine.stats())
-        block_size = state.engine.engine.config.block_size
-        return JSONResponse(cache_stats_dict(stats, block_size))
-
-    @router.post("/v1/cache/reset")
-    async def cache_reset(request: Request) -> Response:
-        state = get_state(request)
-        raw = await request.body()
-        body = parse_request(CacheResetRequest, raw) if raw.strip() else CacheResetRequest()
-        namespace: bytes | None
-        if state.settings.api_keys:
-            namespace = state.cache_namespace(request, body.cache_salt or "")
-            scope = "tenant"
-        elif body.cache_salt is not None:
-            namespace = body.cache_salt.encode("utf-8")
-            scope = "namespace"
-        else:
-            namespace = None
-            scope = "all"
-        freed: int = await _engine_call(state, lambda engine: engine.reset_prefix_cache(namespace))
-        return JSONResponse({"object": "cache.reset", "scope": scope, "freed_blocks": freed})
 
     return router
 

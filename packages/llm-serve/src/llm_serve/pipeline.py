@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any, cast, overload
 
 from paged_engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from paged_engine.tokenizer import Tokenizer
 
 __all__ = ["GenerationConfig", "Pipeline", "Prompt", "Response", "pipeline"]
 
@@ -93,7 +94,7 @@ class Pipeline:
         return self._engine
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> Tokenizer:
         """The model's tokenizer."""
         return self.engine.tokenizer
 
@@ -152,20 +153,12 @@ class Pipeline:
         as one user message) with the model's chat template; a list of conversations is a
         batch and returns a list."""
         if isinstance(messages, str):
-            return self(self.chat_prompt([{"role": "user", "content": messages}]), gen_config)
+            messages = [{"role": "user", "content": messages}]
         items = list(messages)
         if items and all(_is_conversation(c) for c in items):
-            prompts: list[Prompt] = [self.chat_prompt(c) for c in items]  # type: ignore[arg-type]
+            prompts: list[Prompt] = [self.engine.chat_prompt(c) for c in items]  # type: ignore[arg-type]
             return self._generate(prompts, gen_config)
-        return self(self.chat_prompt(items), gen_config)  # type: ignore[arg-type]
-
-    def chat_prompt(self, messages: Sequence[Message]) -> list[int]:
-        """The token ids of ``messages`` under the chat template, ready for the reply."""
-        tok: Any = self.engine.tokenizer
-        text = tok.apply_chat_template(
-            [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
-        )
-        return [int(t) for t in tok.encode(text, add_special_tokens=False)]
+        return self(self.engine.chat_prompt(items), gen_config)  # type: ignore[arg-type]
 
     def _run(
         self,

@@ -24,7 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from paged_engine import EngineConfig, LLMEngine
 
 from .async_engine import AsyncEngine
-from .metrics import ServerMetrics, cache_router, log_stats_forever, metrics_router
+from .cache_routes import cache_router
+from .metrics import ServerMetrics, log_stats_forever, metrics_router
 from .openai_api import openai_router
 from .protocol import APIError
 from .state import ServerSettings, ServerState, get_state, served_model_name
