@@ -186,11 +186,15 @@ class LLMEngine:
             request_id,
             token_ids,
             params,
-            IncrementalDetokenizer(
+            IncrementalDetokenizer(self.tokenizer, token_ids)
+            if error is not None
+            else IncrementalDetokenizer(
                 self.tokenizer,
                 token_ids,
-                params.stop_strings if error is None else (),
-                error is None and params.include_stop_str_in_output,
+                params.stop_strings,
+                params.include_stop_str_in_output,
+                params.skip_special_tokens,
+                params.min_tokens,
             ),
             arrival_time,
             cache_salt,
@@ -366,6 +370,7 @@ class LLMEngine:
             [self._generators.get(s.request_id) for s in seqs],
             [s.prompt_token_ids for s in seqs],
             [s.output_token_ids for s in seqs],
+            [self._suppressed(s) for s in seqs],
         )
         return list(zip(out.token_ids, out.logprobs, strict=True))
 
@@ -434,10 +439,22 @@ class LLMEngine:
             seq.num_prompt_logits = end
 
     def _is_stop_token(self, seq: Sequence, token: int) -> bool:
-        p = seq.params
-        return (not p.ignore_eos and token in self.eos_token_ids) or token in (
-            p.stop_token_ids or ()
+        """Whether ``token``, sampled next for ``seq``, ends it (never before ``min_tokens``)."""
+        return (
+            token in self._stop_token_ids(seq)
+            and len(seq.output_token_ids) >= seq.params.min_tokens
         )
+
+    def _stop_token_ids(self, seq: Sequence) -> set[int]:
+        p = seq.params
+        return set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(self.eos_token_ids))
+
+    def _suppressed(self, seq: Sequence) -> list[int]:
+        """Tokens the sampler must not pick for ``seq`` now: its stop tokens until
+        ``min_tokens`` tokens are out."""
+        if len(seq.output_token_ids) >= seq.params.min_tokens:
+            return []
+        return sorted(self._stop_token_ids(seq))
 
     def _stop_reason(self, seq: Sequence, token: int, stop_token: bool) -> FinishReason | None:
         """Why ``seq`` ends after ``token`` (None: it goes on); records ``seq.stop_reason``.
