@@ -123,9 +123,13 @@ def _values(**body: object) -> dict[str, tuple[str, object]]:
 def test_sampling_values_reach_the_params() -> None:
     p = sampling.sampling_params(_values(top_p=0.5, stop="x", top_k=3, min_p=0.1))
     assert (p.top_p, p.stop, p.top_k, p.min_p) == (0.5, ["x"], 3, 0.1)
+    p = sampling.sampling_params(
+        _values(min_tokens=2, skip_special_tokens=False, prompt_logprobs=1, max_tokens=4)
+    )
+    assert (p.min_tokens, p.skip_special_tokens, p.prompt_logprobs) == (2, False, 1)
     with pytest.raises(APIError) as err:
         sampling.sampling_params(_values(stop_token_ids=[-1]))
-    assert err.value.status_code == 400 and "stop_token_ids" in err.value.message
+    assert err.value.status_code == 400 and err.value.param == "stop_token_ids"
 
 
 def test_sampling_mapping() -> None:

@@ -20,6 +20,8 @@ from .protocol import (
     CompletionResponse,
     CompletionStreamResponse,
     DeltaMessage,
+    PromptLogprob,
+    PromptLogprobs,
     TopLogprob,
     UsageInfo,
 )
@@ -54,6 +56,21 @@ class _Format:
             )
         return rows
 
+    def _prompt_logprobs(self, out: RequestOutput) -> PromptLogprobs | None:
+        """vLLM's ``prompt_logprobs``: per prompt position None (the first, and positions whose
+        KV came from the prefix cache) or ``{token id: {logprob, decoded_token}}``."""
+        if out.prompt_logprobs is None:
+            return None
+        return [
+            None
+            if entry is None
+            else {
+                str(t): PromptLogprob(logprob=v, decoded_token=self.tokenizer.decode([t]))
+                for t, v in entry.items()
+            }
+            for entry in out.prompt_logprobs
+        ]
+
 
 class CompletionFormat(_Format):
     """``/v1/completions``: ``text_completion`` objects."""
@@ -77,6 +94,7 @@ class CompletionFormat(_Format):
                 text=o.text,
                 logprobs=self._logprobs(o, 0, 0),
                 finish_reason=o.finish_reason,
+                prompt_logprobs=self._prompt_logprobs(o),
             )
             for i, o in enumerate(outs)
         ]
@@ -132,7 +150,11 @@ class ChatFormat(_Format):
             for i, o in enumerate(outs)
         ]
         return ChatCompletionResponse(
-            id=self.api_id, model=self.model, choices=choices, usage=usage
+            id=self.api_id,
+            model=self.model,
+            choices=choices,
+            usage=usage,
+            prompt_logprobs=self._prompt_logprobs(outs[0]),
         )
 
     def _chunk(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -31,10 +31,11 @@ from .protocol import (
     unsupported_fields,
 )
 from .sampling import request_sampling_values, sampling_params
-from .state import get_state
+from .state import ServerState, get_state
 
 __all__ = ["openai_router"]
 
+_M = TypeVar("_M", bound=BaseModel)
 _CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -53,11 +54,8 @@ def openai_router() -> APIRouter:
 
     @router.post("/v1/completions")
     async def create_completion(request: Request) -> Response:
-        state = get_state(request)
-        state.check_available()
-        req = parse_request(CompletionRequest, await request.body())
-        state.check_model(req.model)
-        _reject_unsupported(req)
+        state, req = await parse_call(request, CompletionRequest)
+        _check_sampling(req)
         n = req.n or 1
         if req.best_of is not None and req.best_of != n:
             _unsupported("best_of", "only best_of == n (or unset) is supported")
@@ -73,17 +71,15 @@ def openai_router() -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def create_chat_completion(request: Request) -> Response:
-        state = get_state(request)
-        state.check_available()
-        req = parse_request(ChatCompletionRequest, await request.body())
-        state.check_model(req.model)
-        _reject_unsupported(req)
+        state, req = await parse_call(request, ChatCompletionRequest)
+        _check_sampling(req)
         engine = state.engine.engine
         params = sampling_params(
             request_sampling_values(req), defaults={"max_tokens": engine.max_model_len}
         )
-        messages = _chat_messages(req.messages)
-        token_ids = await asyncio.to_thread(_chat_prompt, engine, messages)
+        messages, options = chat_messages(req.messages), req.template_options()
+        ids = await asyncio.to_thread(chat_prompt, engine, messages, options)
+        token_ids = await asyncio.to_thread(_check_prompts, engine, [ids], "messages")
         call = ApiCall.start(
             state, request, "chatcmpl", token_ids, params, req.n or 1, req.cache_salt or ""
         )
@@ -106,7 +102,15 @@ def _unsupported(name: str, detail: str = "") -> None:
     )
 
 
-def _reject_unsupported(req: BaseModel) -> None:
+async def parse_call(request: Request, model: type[_M]) -> tuple[ServerState, _M]:
+    """The app's state and the request body parsed as ``model``, checked: the server is
+    available (503), the body is valid (400), its ``model`` if any is served (404) and it sets
+    no field this server does not implement (400)."""
+    state = get_state(request)
+    state.check_available()
+    req = parse_request(model, await request.body())
+    if getattr(req, "model", None) is not None:
+        state.check_model(req.model)  # type: ignore[attr-defined]
     names = unsupported_fields(req)
     if names:
         raise APIError(
@@ -116,6 +120,15 @@ def _reject_unsupported(req: BaseModel) -> None:
             param=names[0],
             code="unsupported_parameter",
         )
+    return state, req
+
+
+def _check_sampling(req: CompletionRequest | ChatCompletionRequest) -> None:
+    """Refuse what no value but the default can mean here."""
+    if req.priority not in (None, 0):
+        _unsupported("priority", "requests are served first come, first served; send 0")
+    if req.stream and req.prompt_logprobs is not None:
+        _unsupported("prompt_logprobs", "not with stream: true")
 
 
 def _include_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
@@ -132,7 +145,7 @@ def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -
     return list(prompt)  # type: ignore[arg-type]
 
 
-def _chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+def chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         role = _CHAT_ROLES.get(m.role)
@@ -180,9 +193,11 @@ def _check_prompts(engine: LLMEngine, prompts: Sequence[Prompt], param: str) -> 
     return out
 
 
-def _chat_prompt(engine: LLMEngine, messages: list[dict[str, Any]]) -> list[list[int]]:
+def chat_prompt(
+    engine: LLMEngine, messages: list[dict[str, Any]], options: dict[str, Any]
+) -> list[int]:
+    """``engine.chat_prompt`` with a template failure as a 400 naming ``messages``."""
     try:
-        ids = engine.chat_prompt(messages)
+        return engine.chat_prompt(messages, **options)
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages") from None
-    return _check_prompts(engine, [ids], "messages")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from paged_engine import SamplingParams
+from paged_engine import ParamError, SamplingParams
 
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
 
@@ -43,6 +43,9 @@ def request_sampling_values(
         "frequency_penalty",
         "repetition_penalty",
         "stop_token_ids",
+        "min_tokens",
+        "skip_special_tokens",
+        "prompt_logprobs",
     ):
         put(name, name, getattr(req, name))
     stop = req.stop
@@ -68,5 +71,8 @@ def sampling_params(
     kwargs = {**(defaults or {}), **{param: value for param, (_, value) in values.items()}}
     try:
         return SamplingParams(**kwargs)
+    except ParamError as exc:  # named by the request's own field name
+        name = values.get(exc.param, (exc.param,))[0]
+        raise APIError(400, str(exc), param=name, code="invalid_value") from None
     except (TypeError, ValueError) as exc:
         raise APIError(400, str(exc), code="invalid_value") from None

@@ -30,6 +30,7 @@ from .openai_api import openai_router
 from .protocol import APIError
 from .state import ServerSettings, ServerState, get_state, served_model_name
 from .tenancy import RequestGuard
+from .tokenize_routes import tokenize_router
 
 __all__ = ["GracefulServer", "build_app", "health_router", "run_server"]
 
@@ -158,6 +159,7 @@ def build_app(
     app.include_router(openai_router())
     app.include_router(metrics_router())
     app.include_router(cache_router())
+    app.include_router(tokenize_router())
     app.add_middleware(
         RequestGuard,
         api_keys=settings.api_keys,
