@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import InitVar, dataclass
+from typing import Any
 
 import torch
 
 __all__ = [
     "DTYPES",
     "EVICTION_POLICIES",
+    "LMDEPLOY_ENGINE_NAMES",
     "QUANT_POLICIES",
     "WEIGHT_QUANT_CHOICES",
     "EngineConfig",
@@ -18,6 +21,7 @@ __all__ = [
     "cpu_has_native_bf16",
     "cpu_weight_quant_kernels",
     "free_device_memory",
+    "resolve_aliases",
 ]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -44,6 +48,30 @@ CPU_CACHE_CAP_BYTES = 4 << 30
 EVICTION_POLICIES = ("lru", "lfu", "hybrid")
 WEIGHT_QUANT_CHOICES = ("auto", "int8", "int4")
 QUANT_POLICIES = (0, 8, 4)  # bits of the stored K/V: 0 = unquantized
+# LMDeploy's engine-config names (TurbomindEngineConfig / PytorchEngineConfig) -> ours.
+LMDEPLOY_ENGINE_NAMES: Mapping[str, str] = {
+    "cache_max_entry_count": "cache_size_limit",
+    "session_len": "max_model_len",
+    "max_prefill_token_num": "max_num_batched_tokens",
+}
+
+
+def resolve_aliases(
+    values: Mapping[str, Any], aliases: Mapping[str, str], owner: str
+) -> dict[str, Any]:
+    """``values`` with every alias (a key of ``aliases``) renamed to the name it stands for.
+    Raises ValueError when an alias and its name are both given with different values."""
+    out = dict(values)
+    for alias, name in aliases.items():
+        if alias in out:
+            value = out.pop(alias)
+            if name in out and out[name] != value:
+                raise ValueError(
+                    f"{owner}: {alias}={value!r} and {name}={out[name]!r} are the same setting "
+                    f"under two names; give one of them"
+                )
+            out[name] = value
+    return out
 
 
 @dataclass
@@ -86,8 +114,26 @@ class EngineConfig:
     cache_ttl: float | None = None
     prefix_match_threshold: float = 0.5
     weight_quant: str | None = "auto"
+    # LMDeploy's names, accepted for the fields in ``LMDEPLOY_ENGINE_NAMES`` (not stored).
+    cache_max_entry_count: InitVar[float | None] = None
+    session_len: InitVar[int | None] = None
+    max_prefill_token_num: InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(
+        self,
+        cache_max_entry_count: float | None,
+        session_len: int | None,
+        max_prefill_token_num: int | None,
+    ) -> None:
+        given = {
+            "cache_max_entry_count": cache_max_entry_count,
+            "session_len": session_len,
+            "max_prefill_token_num": max_prefill_token_num,
+            **{name: getattr(self, name) for name in LMDEPLOY_ENGINE_NAMES.values()},
+        }
+        given = {k: v for k, v in given.items() if v is not None}
+        for name, value in resolve_aliases(given, LMDEPLOY_ENGINE_NAMES, "EngineConfig").items():
+            setattr(self, name, value)
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(
                 "EngineConfig.model must be a non-empty string: 'default', a model directory, "
@@ -264,7 +310,10 @@ class EngineConfig:
         return int(min(available_host_memory() * frac, CPU_CACHE_CAP_BYTES))
 
     def replace(self, **changes: object) -> EngineConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again); LMDeploy's names are accepted."""
+        for alias, name in LMDEPLOY_ENGINE_NAMES.items():
+            if alias in changes:
+                changes.setdefault(name, None)  # the alias replaces the field's old value
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
