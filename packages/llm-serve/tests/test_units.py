@@ -50,6 +50,20 @@ def test_server_flag_defaults() -> None:
     assert engine_args.engine_config_from_args(args, args.model) == EngineConfig()
 
 
+def test_model_is_positional_or_an_option() -> None:
+    for argv in (["m"], ["--model", "m"], ["m", "--model", "m"]):
+        args = _serve_args(*argv)
+        assert cli._model(args) == "m"
+        assert engine_args.engine_config_from_args(args, cli._model(args)).model == "m"
+    with pytest.raises(ValueError, match="twice"):
+        cli._model(_serve_args("a", "--model", "b"))
+    assert cli.main(["serve", "a", "--model", "b"]) == 2
+    chat = cli.build_parser().parse_args(["chat", "--model", "m", "--revision", "v1"])
+    config = engine_args.engine_config_from_args(chat, cli._model(chat))
+    assert (config.model, config.revision) == ("m", "v1")
+    assert served_model_name("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
 def test_engine_flags_parse_into_the_config() -> None:
     args = _serve_args(
         "dummy:x.json",

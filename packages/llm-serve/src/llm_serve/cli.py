@@ -21,9 +21,22 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_LOG_STATS_INTERVAL = 5.0
 
 _MODEL_HELP = (
-    "'default' (the bundled SmolLM2-135M-Instruct), a model directory, a .gguf file, or "
-    "'dummy:<preset|config.json>' (random weights) [default: default]"
+    "'default' (the bundled SmolLM2-135M-Instruct), a model directory, a .gguf file, a Hugging "
+    "Face Hub id already in the local cache (see --revision), or 'dummy:<preset|config.json>' "
+    "(random weights) [default: default]"
 )
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--model", dest="model_option", metavar="MODEL", help="the same as MODEL")
+
+
+def _model(args: argparse.Namespace) -> str | None:
+    """MODEL, given as the positional argument or as ``--model`` (``vllm serve`` style)."""
+    if args.model and args.model_option and args.model != args.model_option:
+        raise ValueError(f"MODEL is given twice: {args.model!r} and --model {args.model_option!r}")
+    return args.model or args.model_option  # type: ignore[no-any-return]
 
 
 def _positive_int(text: str) -> int:
@@ -62,7 +75,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "/v1/chat/completions, /v1/models, /health, /metrics, /v1/cache/stats, "
         "/v1/cache/reset).",
     )
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=_MODEL_HELP)
+    _add_model(p)
     srv = p.add_argument_group("server")
     srv.add_argument(
         "--host", default=DEFAULT_HOST, help="address to listen on [default: 127.0.0.1]"
@@ -133,7 +146,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .tenancy import keys_from_env, validate_api_key
 
     try:
-        config = engine_config_from_args(args, args.model)
+        config = engine_config_from_args(args, _model(args))
         keys = [validate_api_key(k, "--api-key") for k in args.api_key] + keys_from_env()
     except (TypeError, ValueError) as exc:
         print(f"llm-serve serve: error: {exc}", file=sys.stderr)
@@ -165,7 +178,7 @@ def _add_chat(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "they are generated; the conversation is kept across turns. Type /reset to clear it, "
         "/exit (or Ctrl-D) to quit; Ctrl-C stops a reply.",
     )
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=_MODEL_HELP)
+    _add_model(p)
     gen = p.add_argument_group("generation")
     gen.add_argument(
         "--max-tokens",
@@ -201,7 +214,7 @@ def _chat(args: argparse.Namespace) -> int:
         print(f"llm-serve chat: error: --top-p must be <= 1, got {args.top_p}", file=sys.stderr)
         return 2
     try:
-        config = engine_config_from_args(args, args.model)
+        config = engine_config_from_args(args, _model(args))
         gen = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p
         )

@@ -40,6 +40,7 @@ ENGINE_FLAG_HELP: Mapping[str, str] = {
     "prefix_match_threshold": "fraction of a prompt that must be cached for a request to count "
     "as a cache hit when scheduling",
     "seed": "seed of the engine's random stream (requests with their own seed are independent)",
+    "revision": "branch, tag or commit of a Hugging Face Hub MODEL [default: main]",
 }
 
 # Flags whose values form a closed set: argparse checks them and --help lists them.

@@ -96,6 +96,10 @@ class EngineConfig:
     (in [0, 1]) never makes reuse approximate: it is the fraction of a prompt that must already
     be cached for the request to count as a cache hit; the scheduler admits hits first, and a
     request passed over too often goes first (so nothing starves).
+
+    ``revision`` (a branch, tag or commit) picks the snapshot of a Hugging Face Hub ``model``
+    id. LMDeploy's ``cache_max_entry_count``, ``session_len`` and ``max_prefill_token_num`` are
+    accepted for ``cache_size_limit``, ``max_model_len`` and ``max_num_batched_tokens``.
     """
 
     model: str = "default"
@@ -114,6 +118,7 @@ class EngineConfig:
     cache_ttl: float | None = None
     prefix_match_threshold: float = 0.5
     weight_quant: str | None = "auto"
+    revision: str | None = None
     # LMDeploy's names, accepted for the fields in ``LMDEPLOY_ENGINE_NAMES`` (not stored).
     cache_max_entry_count: InitVar[float | None] = None
     session_len: InitVar[int | None] = None
@@ -138,6 +143,11 @@ class EngineConfig:
             raise ValueError(
                 "EngineConfig.model must be a non-empty string: 'default', a model directory, "
                 "a .gguf file or 'dummy:<preset|config.json>'"
+            )
+        if self.revision is not None and (not isinstance(self.revision, str) or not self.revision):
+            raise ValueError(
+                f"EngineConfig.revision is a branch, tag or commit of a Hugging Face Hub model "
+                f"and must be a non-empty string or None, got {self.revision!r}"
             )
         self._check_device()
         self._check_dtype()

@@ -72,7 +72,7 @@ class LLMEngine:
         self.config = config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
-        source = resolve_model(config.model)
+        source = resolve_model(config.model, config.revision)
         self.max_model_len = config.resolved_max_model_len(source.config.max_len)
         # The weight format that runs (None: as loaded); see EngineConfig.weight_quant.
         self.weight_quant = config.resolved_weight_quant(source.native_4bit)
