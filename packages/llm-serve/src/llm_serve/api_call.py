@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -35,17 +34,12 @@ __all__ = ["ApiCall", "ResponseFormat", "json_response"]
 
 
 class ResponseFormat(Protocol):
-    """The JSON bodies of one endpoint: the whole answer, or the chunks of a stream."""
+    """The JSON bodies of one endpoint: the whole answer, or the stream's chunks (``chunk``:
+    choice ``choice``'s output ``out`` brought the text ``delta`` and tokens from ``first``)."""
 
     def response(self, outs: list[RequestOutput], usage: UsageInfo) -> BaseModel: ...
-
     def opening(self, num_choices: int) -> Sequence[BaseModel]: ...
-
-    def chunk(self, choice: int, out: RequestOutput, delta: str, first_token: int) -> BaseModel:
-        """The chunk for choice ``choice`` whose output ``out`` brought the new text ``delta``
-        and the tokens from ``first_token`` on."""
-        ...
-
+    def chunk(self, choice: int, out: RequestOutput, delta: str, first: int) -> BaseModel: ...
     def usage_chunk(self, usage: UsageInfo) -> BaseModel: ...
 
 
@@ -53,10 +47,8 @@ def json_response(body: BaseModel) -> Response:
     return Response(content=body.model_dump_json(), media_type="application/json")
 
 
-def _event(body: BaseModel | Mapping[str, Any]) -> str:
-    if isinstance(body, BaseModel):
-        return f"data: {body.model_dump_json()}\n\n"
-    return f"data: {json.dumps(body)}\n\n"
+def _event(body: BaseModel) -> str:
+    return f"data: {body.model_dump_json()}\n\n"
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -88,10 +88,6 @@ class OutputStream:
         if item.finished:
             self._unfinished.discard(item.request_id)
         return item
-
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        while not self.finished:
-            yield await self.get()
 
     def abort(self) -> None:
         """Abort every unfinished request of the group (idempotent; thread-safe)."""
@@ -209,10 +205,7 @@ class AsyncEngine:
         ``arrival_time`` is now unless given, so
         time spent queued here counts towards its queue time and time to first token.
         """
-        if self.fatal_error is not None:
-            raise EngineDeadError(f"the engine failed: {self.fatal_error}")
-        if not self._ready.is_set() or self._stopping:
-            raise EngineNotReadyError(self._not_ready_message())
+        self._check_serving()
         stream = OutputStream(self, [r.request_id for r in requests])
         with self._cond:
             waiting = len(self._inbox) + self._engine_waiting
@@ -235,10 +228,7 @@ class AsyncEngine:
         raise its exception) without blocking the event loop; for operations such as cache
         statistics or resets. Raises ``EngineNotReadyError`` / ``EngineDeadError`` like ``add``.
         """
-        if self.fatal_error is not None:
-            raise EngineDeadError(f"the engine failed: {self.fatal_error}")
-        if not self._ready.is_set() or self._stopping or self._engine is None:
-            raise EngineNotReadyError(self._not_ready_message())
+        self._check_serving()
         future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
         with self._cond:
             self._calls.append((fn, future))
@@ -256,6 +246,12 @@ class AsyncEngine:
         with self._cond:
             self._abort_all = True
             self._cond.notify_all()
+
+    def _check_serving(self) -> None:
+        if self.fatal_error is not None:
+            raise EngineDeadError(f"the engine failed: {self.fatal_error}")
+        if not self._ready.is_set() or self._stopping or self._engine is None:
+            raise EngineNotReadyError(self._not_ready_message())
 
     def _not_ready_message(self) -> str:
         if self.load_error is not None:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .engine_args import add_engine_args, engine_config_from_args
 from .state import DEFAULT_MAX_REQUEST_BYTES
@@ -39,32 +40,25 @@ def _model(args: argparse.Namespace) -> str | None:
     return args.model or args.model_option  # type: ignore[no-any-return]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _at_least(kind: Callable[[str], float], low: float, strict: bool = False) -> Any:
+    """An argparse type: ``kind(text)``, which must be >= ``low`` (> when ``strict``)."""
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not (value > low if strict else value >= low):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>' if strict else '>='} {low}, got {value}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's error names the type
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive_int = _at_least(int, 1)
+_positive_float = _at_least(float, 0, strict=True)
+_non_negative_int = _at_least(int, 0)
+_non_negative_float = _at_least(float, 0)
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

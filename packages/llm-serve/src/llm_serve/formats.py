@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from pydantic import BaseModel
 
 from paged_engine import RequestOutput
 from paged_engine.tokenizer import Tokenizer
@@ -56,6 +59,9 @@ class _Format:
             )
         return rows
 
+    def opening(self, num_choices: int) -> Sequence[BaseModel]:
+        return []  # what the stream sends before any output
+
     def _prompt_logprobs(self, out: RequestOutput) -> PromptLogprobs | None:
         """vLLM's ``prompt_logprobs``: per prompt position None (the first, and positions whose
         KV came from the prefix cache) or ``{token id: {logprob, decoded_token}}``."""
@@ -100,16 +106,13 @@ class CompletionFormat(_Format):
         ]
         return CompletionResponse(id=self.api_id, model=self.model, choices=choices, usage=usage)
 
-    def opening(self, num_choices: int) -> list[CompletionStreamResponse]:
-        return []
-
     def chunk(
-        self, choice: int, out: RequestOutput, delta: str, first_token: int
+        self, choice: int, out: RequestOutput, delta: str, first: int
     ) -> CompletionStreamResponse:
         body = CompletionChoice(
             index=choice,
             text=delta,
-            logprobs=self._logprobs(out, first_token, len(out.text) - len(delta)),
+            logprobs=self._logprobs(out, first, len(out.text) - len(delta)),
             finish_reason=out.finish_reason if out.finished else None,
         )
         return CompletionStreamResponse(id=self.api_id, model=self.model, choices=[body])
@@ -166,13 +169,11 @@ class ChatFormat(_Format):
         role = DeltaMessage(role="assistant", content="")
         return [self._chunk([ChatStreamChoice(index=k, delta=role)]) for k in range(num_choices)]
 
-    def chunk(
-        self, choice: int, out: RequestOutput, delta: str, first_token: int
-    ) -> ChatCompletionChunk:
+    def chunk(self, choice: int, out: RequestOutput, delta: str, first: int) -> ChatCompletionChunk:
         body = ChatStreamChoice(
             index=choice,
             delta=DeltaMessage(content=delta if delta else None),
-            logprobs=self._logprobs(out, first_token),
+            logprobs=self._logprobs(out, first),
             finish_reason=out.finish_reason if out.finished else None,
         )
         return self._chunk([body])

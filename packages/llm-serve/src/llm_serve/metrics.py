@@ -81,83 +81,45 @@ class _EngineCollector(Collector):
 
     @staticmethod
     def _families(stats: EngineStats | None, waiting: int) -> Iterator[Metric]:
-        def counter(short: str, doc: str, value: float) -> CounterMetricFamily:
-            family = CounterMetricFamily(_name(short), doc)
+        for counter, short, field, doc in _ENGINE_METRICS:
+            family = (CounterMetricFamily if counter else GaugeMetricFamily)(_name(short), doc)
             if stats is not None:
-                family.add_metric([], value)
-            return family
-
-        def gauge(short: str, doc: str, value: float) -> GaugeMetricFamily:
-            family = GaugeMetricFamily(_name(short), doc)
-            if stats is not None:
-                family.add_metric([], value)
-            return family
-
-        s = stats
-        yield counter(
-            "prefix_cache_queries_total",
-            "Prompt tokens looked up in the prefix cache (once per request, at first admission).",
-            s.prefix_cache_queried_tokens if s else 0,
-        )
-        yield counter(
-            "prefix_cache_hits_total",
-            "Prompt tokens found in the prefix cache (once per request, at first admission).",
-            s.prefix_cache_hit_tokens if s else 0,
-        )
-        yield gauge(
-            "prefix_cache_hit_rate",
-            "prefix_cache_hits_total / prefix_cache_queries_total since the server started.",
-            s.prefix_cache_hit_rate if s else 0.0,
-        )
-        yield gauge(
-            "kv_cache_usage_perc",
-            "Fraction (0 to 1) of KV blocks held by running requests (cached blocks excluded).",
-            s.kv_usage if s else 0.0,
-        )
+                family.add_metric([], waiting if field == "waiting" else getattr(stats, field))
+            yield family
         blocks = GaugeMetricFamily(
             _name("kv_cache_blocks"),
             "KV blocks by state: free, cached (reusable, held only by the prefix cache) or "
             "used (held by requests).",
             labels=["state"],
         )
-        if s is not None:
-            blocks.add_metric(["free"], s.num_blocks_free)
-            blocks.add_metric(["cached"], s.num_blocks_cached)
-            blocks.add_metric(["used"], s.num_blocks_used)
+        if stats is not None:
+            blocks.add_metric(["free"], stats.num_blocks_free)
+            blocks.add_metric(["cached"], stats.num_blocks_cached)
+            blocks.add_metric(["used"], stats.num_blocks_used)
         yield blocks
-        yield counter(
-            "cache_evictions_total",
-            "Cached blocks evicted to make room.",
-            s.num_evictions if s else 0,
-        )
-        yield counter(
-            "cache_expirations_total",
-            "Cached blocks dropped by the cache TTL.",
-            s.num_expirations if s else 0,
-        )
-        yield counter(
-            "num_preemptions_total",
-            "Running requests preempted for lack of KV blocks (recomputed later).",
-            s.num_preemptions if s else 0,
-        )
-        yield gauge(
-            "num_requests_running", "Requests running in the engine.", s.num_running if s else 0
-        )
-        yield gauge(
-            "num_requests_waiting",
-            "Requests accepted and not yet running (queued for the engine or its scheduler).",
-            waiting,
-        )
-        yield counter(
-            "prompt_tokens_total",
-            "Prompt tokens of requests added to the engine.",
-            s.prompt_tokens_total if s else 0,
-        )
-        yield counter(
-            "generation_tokens_total",
-            "Tokens generated.",
-            s.generation_tokens_total if s else 0,
-        )
+
+
+# (counter or gauge, name, EngineStats field or "waiting", help)
+_ENGINE_METRICS: tuple[tuple[bool, str, str, str], ...] = (
+    (True, "prefix_cache_queries_total", "prefix_cache_queried_tokens",
+     "Prompt tokens looked up in the prefix cache (once per request, at first admission)."),
+    (True, "prefix_cache_hits_total", "prefix_cache_hit_tokens",
+     "Prompt tokens found in the prefix cache (once per request, at first admission)."),
+    (False, "prefix_cache_hit_rate", "prefix_cache_hit_rate",
+     "prefix_cache_hits_total / prefix_cache_queries_total since the server started."),
+    (False, "kv_cache_usage_perc", "kv_usage",
+     "Fraction (0 to 1) of KV blocks held by running requests (cached blocks excluded)."),
+    (True, "cache_evictions_total", "num_evictions", "Cached blocks evicted to make room."),
+    (True, "cache_expirations_total", "num_expirations", "Cached blocks dropped by the cache TTL."),
+    (True, "num_preemptions_total", "num_preemptions",
+     "Running requests preempted for lack of KV blocks (recomputed later)."),
+    (False, "num_requests_running", "num_running", "Requests running in the engine."),
+    (False, "num_requests_waiting", "waiting",
+     "Requests accepted and not yet running (queued for the engine or its scheduler)."),
+    (True, "prompt_tokens_total", "prompt_tokens_total",
+     "Prompt tokens of requests added to the engine."),
+    (True, "generation_tokens_total", "generation_tokens_total", "Tokens generated."),
+)  # fmt: skip
 
 
 class ServerMetrics:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
 from paged_engine import LLMEngine, PromptTooLongError
-from paged_engine.llm_engine import Prompt
+from paged_engine.llm_engine import Prompt, as_batch
 
 from .api_call import ApiCall, json_response
 from .formats import ChatFormat, CompletionFormat
@@ -63,8 +63,7 @@ def openai_router() -> APIRouter:
             _unsupported("echo")
         params = sampling_params(request_sampling_values(req), defaults={"max_tokens": 16})
         engine = state.engine.engine
-        prompts = _completion_prompts(req.prompt)
-        token_ids = await asyncio.to_thread(_check_prompts, engine, prompts, "prompt")
+        token_ids = await asyncio.to_thread(_check_prompts, engine, as_batch(req.prompt), "prompt")
         call = ApiCall.start(state, request, "cmpl", token_ids, params, n, req.cache_salt or "")
         fmt = CompletionFormat(call.api_id, req.model, engine.tokenizer, params.logprobs)
         return await call.respond(fmt, bool(req.stream), _include_usage(req))
@@ -92,7 +91,7 @@ def openai_router() -> APIRouter:
 # -- parsing helpers ------------------------------------------------------------------------------
 
 
-def _unsupported(name: str, detail: str = "") -> None:
+def _unsupported(name: str, detail: str = "") -> NoReturn:
     raise APIError(
         400,
         f"'{name}' is not supported by this server"
@@ -135,16 +134,6 @@ def _include_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
     return bool(req.stream_options is not None and req.stream_options.include_usage)
 
 
-def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if not prompt:
-        raise APIError(400, "'prompt' is empty", param="prompt")
-    if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]  # type: ignore[arg-type]
-    return list(prompt)  # type: ignore[arg-type]
-
-
 def chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
@@ -182,6 +171,8 @@ def chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
 
 def _check_prompts(engine: LLMEngine, prompts: Sequence[Prompt], param: str) -> list[list[int]]:
     """Each prompt's token ids, checked by the engine; a bad one is a 400 naming ``param``."""
+    if not prompts:
+        raise APIError(400, f"'{param}' is empty", param=param)
     out: list[list[int]] = []
     for p in prompts:
         try:

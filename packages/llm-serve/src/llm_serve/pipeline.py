@@ -29,6 +29,7 @@ __all__ = ["GenerationConfig", "Pipeline", "Prompt", "Response", "pipeline"]
 
 Message = Mapping[str, Any]
 Prompt = str | list[int] | Sequence[Message]
+GenConfigs = SamplingParams | Sequence[SamplingParams] | None  # one for all prompts, or one each
 
 # LMDeploy's GenerationConfig names -> SamplingParams fields (the README has the whole table).
 LMDEPLOY_GENERATION_NAMES = {
@@ -102,8 +103,9 @@ class Pipeline:
     A prompt is a string, a token-id list or a conversation (a list of ``{"role", "content"}``
     messages, put through the model's chat template); a list of them is a batch (answered in
     order). ``gen_config`` is one ``GenerationConfig`` for all prompts or one per prompt
-    (default: ``GenerationConfig()``, LMDeploy's: greedy, 512 new tokens). Invalid prompts (empty, too long for the model) raise
-    ``ValueError``. Not thread-safe; ``close()`` (or leaving a ``with`` block) frees the engine.
+    (default: ``GenerationConfig()``, LMDeploy's: greedy, 512 new tokens). Invalid prompts
+    (empty, too long for the model) raise ``ValueError``. Not thread-safe; ``close()`` (or
+    leaving a ``with`` block) frees the engine.
     """
 
     def __init__(self, config: EngineConfig) -> None:
@@ -126,41 +128,27 @@ class Pipeline:
     # -- generation -----------------------------------------------------------------------------
 
     @overload
-    def __call__(
-        self, prompts: str, gen_config: SamplingParams | Sequence[SamplingParams] | None = ...
-    ) -> Response: ...
+    def __call__(self, prompts: str, gen_config: GenConfigs = ...) -> Response: ...
 
     @overload
     def __call__(
-        self,
-        prompts: list[int] | Sequence[Prompt],
-        gen_config: SamplingParams | Sequence[SamplingParams] | None = ...,
+        self, prompts: list[int] | Sequence[Prompt], gen_config: GenConfigs = ...
     ) -> Response | list[Response]: ...
 
     def __call__(
-        self,
-        prompts: Prompt | Sequence[Prompt],
-        gen_config: SamplingParams | Sequence[SamplingParams] | None = None,
+        self, prompts: Prompt | Sequence[Prompt], gen_config: GenConfigs = None
     ) -> Response | list[Response]:
         """Generate for one prompt (returns a ``Response``) or a batch (a list, in order).
-        A single token-id list is one prompt."""
+        A single token-id list or conversation is one prompt."""
         single, batch = _as_batch(prompts)
-        results = self._generate(batch, gen_config)
-        return results[0] if single else results
-
-    def _generate(
-        self, batch: list[Prompt], gen_config: SamplingParams | Sequence[SamplingParams] | None
-    ) -> list[Response]:
         finals: dict[int, Response] = {}
         for delta, final in self._run(batch, gen_config):
             if final is not None:
                 finals[delta.index] = _response(final, delta.index, final.text, 0)
-        return [finals[i] for i in range(len(batch))]
+        return finals[0] if single else [finals[i] for i in range(len(batch))]
 
     def stream_infer(
-        self,
-        prompts: Prompt | Sequence[Prompt],
-        gen_config: SamplingParams | Sequence[SamplingParams] | None = None,
+        self, prompts: Prompt | Sequence[Prompt], gen_config: GenConfigs = None
     ) -> Generator[Response, None, None]:
         """Yield deltas as they are generated: ``text`` and ``token_ids`` hold only the new part,
         ``index`` says which prompt of the batch, and a prompt's last delta has its
@@ -172,7 +160,7 @@ class Pipeline:
     def chat(
         self,
         messages: str | Sequence[Message] | Sequence[Sequence[Message]],
-        gen_config: SamplingParams | Sequence[SamplingParams] | None = None,
+        gen_config: GenConfigs = None,
     ) -> Response | list[Response]:
         """Answer a conversation (a string is one user message); a list of conversations is a
         batch and returns a list. The same as calling the pipeline on them."""
@@ -181,9 +169,7 @@ class Pipeline:
         return self(messages, gen_config)  # type: ignore[arg-type]
 
     def _run(
-        self,
-        batch: list[Prompt],
-        gen_config: SamplingParams | Sequence[SamplingParams] | None,
+        self, batch: list[Prompt], gen_config: GenConfigs
     ) -> Iterator[tuple[Response, RequestOutput | None]]:
         engine = self.engine
         if gen_config is None or isinstance(gen_config, SamplingParams):

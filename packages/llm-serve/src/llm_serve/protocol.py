@@ -301,13 +301,8 @@ class CompletionResponse(BaseModel):
     usage: UsageInfo
 
 
-class CompletionStreamResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
+class CompletionStreamResponse(CompletionResponse):
+    usage: UsageInfo | None = None  # type: ignore[assignment]
 
 
 class TopLogprob(BaseModel):

@@ -31,6 +31,7 @@ __all__ = [
     "LLMEngine",
     "Prompt",
     "PromptTooLongError",
+    "as_batch",
 ]
 
 Prompt = str | list[int]
@@ -484,7 +485,7 @@ class LLMEngine:
         final outputs in input order. ``sampling_params`` is one object for all or one per
         prompt. Other requests already in the engine keep running alongside, but their outputs
         from the steps run here are not returned."""
-        batch = _as_batch(prompts)
+        batch = as_batch(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or SamplingParams()] * len(batch)
         else:
@@ -579,7 +580,8 @@ class LLMEngine:
         self.block_pool.check_invariants(s.block_ids for s in live)
 
 
-def _as_batch(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
+def as_batch(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
+    """One prompt (a string or a list of token ids) as a batch of one; a batch as a list."""
     if isinstance(prompts, str):
         return [prompts]
     items = list(prompts)
