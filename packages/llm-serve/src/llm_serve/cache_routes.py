@@ -15,17 +15,7 @@ from .async_engine import EngineDeadError, EngineNotReadyError
 from .protocol import APIError, parse_request
 from .state import ServerState, get_state
 
-__all__ = ["CacheResetRequest", "cache_router", "cache_stats_dict"]
-
-
-def cache_stats_dict(stats: EngineStats, block_size: int | None = None) -> dict[str, Any]:
-    """The cache figures of ``stats`` as a JSON-ready dict (every ``EngineStats`` field plus
-    ``prefix_cache_hit_rate`` and, when given, ``block_size``)."""
-    out: dict[str, Any] = dataclasses.asdict(stats)
-    out["prefix_cache_hit_rate"] = stats.prefix_cache_hit_rate
-    if block_size is not None:
-        out["block_size"] = block_size
-    return out
+__all__ = ["CacheResetRequest", "cache_router"]
 
 
 class CacheResetRequest(BaseModel):
@@ -59,7 +49,8 @@ def cache_router() -> APIRouter:
         state = get_state(request)
         stats: EngineStats = await _engine_call(state, lambda engine: engine.stats())
         block_size = state.engine.engine.config.block_size
-        return JSONResponse(cache_stats_dict(stats, block_size))
+        rate = {"prefix_cache_hit_rate": stats.prefix_cache_hit_rate, "block_size": block_size}
+        return JSONResponse({**dataclasses.asdict(stats), **rate})
 
     @router.post("/v1/cache/reset")
     async def cache_reset(request: Request) -> Response:

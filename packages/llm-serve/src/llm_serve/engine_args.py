@@ -92,24 +92,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         text = ENGINE_FLAG_HELP.get(f.name, f"EngineConfig.{f.name}")
         if "default" not in text:
             text = f"{text} [default: {'none' if default is None else default}]"
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
         if parse is None:
-            group.add_argument(
-                _flag(f.name),
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=text,
-            )
-            continue
-        group.add_argument(
-            _flag(f.name),
-            dest=f.name,
-            type=_optional(parse) if optional else parse,
-            choices=None if choices is None else ((*choices, None) if optional else choices),
-            default=argparse.SUPPRESS,
-            metavar=None if choices is None else "{" + ",".join(str(c) for c in choices) + "}",
-            help=text,
-        )
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = _optional(parse) if optional else parse
+        if choices is not None:
+            kw["choices"] = (*choices, None) if optional else choices
+            kw["metavar"] = "{" + ",".join(str(c) for c in choices) + "}"
+        group.add_argument(_flag(f.name), **kw)
 
 
 def engine_config_from_args(args: argparse.Namespace, model: str | None) -> EngineConfig:

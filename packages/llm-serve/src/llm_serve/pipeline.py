@@ -23,6 +23,7 @@ from typing import Any, cast, overload
 
 from paged_engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
 from paged_engine.config import resolve_aliases
+from paged_engine.llm_engine import as_batch
 from paged_engine.tokenizer import Tokenizer
 
 __all__ = ["GenerationConfig", "Pipeline", "Prompt", "Response", "pipeline"]
@@ -78,23 +79,20 @@ class Response:
     logprobs: list[dict[int, float]] | None = None
 
 
-def _is_token_ids(value: object) -> bool:
-    return (
-        isinstance(value, list)
-        and bool(value)
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-    )
-
-
 def _is_conversation(value: object) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(m, Mapping) for m in value)
+    return (
+        isinstance(value, (list, tuple))
+        and bool(value)
+        and all(isinstance(m, Mapping) for m in value)
+    )
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> tuple[bool, list[Prompt]]:
     """(whether ``prompts`` is a single prompt, the prompts as a list)."""
-    if isinstance(prompts, str) or _is_token_ids(prompts) or _is_conversation(prompts):
+    if _is_conversation(prompts):
         return True, [cast(Prompt, prompts)]
-    return False, list(cast(Sequence[Prompt], prompts))
+    batch = as_batch(cast(Any, prompts))
+    return isinstance(prompts, str) or batch[:1] == [prompts], cast(list[Prompt], batch)
 
 
 class Pipeline:

@@ -15,6 +15,24 @@ from .protocol import APIError, ChatCompletionRequest, CompletionRequest
 
 __all__ = ["request_sampling_values", "sampling_params"]
 
+# Request fields that are ``SamplingParams`` fields of the same name and meaning.
+_SAME_NAMES = [
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "ignore_eos",
+    "include_stop_str_in_output",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "stop_token_ids",
+    "min_tokens",
+    "skip_special_tokens",
+    "prompt_logprobs",
+]
+
 
 def request_sampling_values(
     req: CompletionRequest | ChatCompletionRequest,
@@ -31,22 +49,7 @@ def request_sampling_values(
         put("max_tokens", "max_completion_tokens", req.max_completion_tokens)
     else:
         put("max_tokens", "max_tokens", req.max_tokens)
-    for name in (
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "seed",
-        "ignore_eos",
-        "include_stop_str_in_output",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-        "stop_token_ids",
-        "min_tokens",
-        "skip_special_tokens",
-        "prompt_logprobs",
-    ):
+    for name in _SAME_NAMES:
         put(name, name, getattr(req, name))
     stop = req.stop
     if isinstance(stop, str):
