@@ -66,13 +66,9 @@ def _failure(out: RequestOutput, draining: bool) -> APIError | None:
             return APIError(500, out.error or "internal error", type="internal_error")
         return APIError(400, out.error or "the engine rejected the request", param=out.error_param)
     if out.finish_reason == "abort":
-        if draining:
-            return APIError(
-                503,
-                "the request was aborted: the server is shutting down",
-                type="service_unavailable",
-            )
-        return APIError(500, "the request was aborted", type="internal_error")
+        why = ": the server is shutting down" if draining else ""
+        status, kind = (503, "service_unavailable") if draining else (500, "internal_error")
+        return APIError(status, f"the request was aborted{why}", type=kind)
     return None
 
 

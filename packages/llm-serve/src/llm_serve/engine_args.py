@@ -16,15 +16,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from paged_engine import EngineConfig
-from paged_engine.config import DTYPES, EVICTION_POLICIES, QUANT_POLICIES
+from paged_engine.config import DTYPES, EVICTION_POLICIES, QUANT_POLICIES, WEIGHT_QUANT_CHOICES
 
 __all__ = ["ENGINE_FLAG_CHOICES", "ENGINE_FLAG_HELP", "add_engine_args", "engine_config_from_args"]
 
 # Help for the fields known today; a new field gets a generic line.
 ENGINE_FLAG_HELP: Mapping[str, str] = {
     "device": "auto (the default: CUDA when available, else CPU), cpu or cuda[:N]",
-    "dtype": "weights and activations: auto (the default: bfloat16 on CUDA, float32 on CPU), "
-    "float32, float16 or bfloat16",
+    "dtype": "weights and activations: auto (the default: bfloat16 on CUDA and on CPUs with "
+    "native bf16, else float32), float32, float16 or bfloat16",
+    "weight_quant": "weight-only quantization (CPU): auto (int4 for a 4-bit GGUF, else int8, where "
+    "torch has the kernels), int8, int4 or none [default: auto]",
     "block_size": "tokens per KV block (a power of two)",
     "quant_policy": "KV cache quantization: 0 (none), 8 (int8) or 4 (int4)",
     "enable_prefix_caching": "reuse the KV blocks of already computed prompt prefixes",
@@ -48,6 +50,7 @@ ENGINE_FLAG_CHOICES: Mapping[str, tuple[Any, ...]] = {
     "quant_policy": QUANT_POLICIES,
     "eviction_policy": EVICTION_POLICIES,
     "dtype": ("auto", *DTYPES),
+    "weight_quant": WEIGHT_QUANT_CHOICES,
 }
 
 _SKIP = frozenset({"model"})
