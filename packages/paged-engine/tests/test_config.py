@@ -138,3 +138,6 @@ def test_lmdeploy_engine_names_are_aliases() -> None:
         cfg.replace(session_len=256, max_model_len=64)
     with pytest.raises(ValueError, match="cache_size_limit"):
         EngineConfig(cache_max_entry_count=2.0)  # the alias's value is validated as the field's
+    assert EngineConfig(tp=1) == EngineConfig()
+    with pytest.raises(ValueError, match="one device"):
+        EngineConfig(tp=2)

@@ -99,7 +99,8 @@ class EngineConfig:
 
     ``revision`` (a branch, tag or commit) picks the snapshot of a Hugging Face Hub ``model``
     id. LMDeploy's ``cache_max_entry_count``, ``session_len`` and ``max_prefill_token_num`` are
-    accepted for ``cache_size_limit``, ``max_model_len`` and ``max_num_batched_tokens``.
+    accepted for ``cache_size_limit``, ``max_model_len`` and ``max_num_batched_tokens``, and
+    ``tp`` (tensor parallelism) only as 1.
     """
 
     model: str = "default"
@@ -123,13 +124,17 @@ class EngineConfig:
     cache_max_entry_count: InitVar[float | None] = None
     session_len: InitVar[int | None] = None
     max_prefill_token_num: InitVar[int | None] = None
+    tp: InitVar[int | None] = None  # tensor parallelism: one device, so only 1
 
     def __post_init__(
         self,
         cache_max_entry_count: float | None,
         session_len: int | None,
         max_prefill_token_num: int | None,
+        tp: int | None,
     ) -> None:
+        if tp not in (None, 1) or isinstance(tp, bool):
+            raise ValueError(f"EngineConfig: tp={tp!r}: the engine runs on one device; use tp=1")
         given = {
             "cache_max_entry_count": cache_max_entry_count,
             "session_len": session_len,
