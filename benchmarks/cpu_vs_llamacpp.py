@@ -83,9 +83,8 @@ def llama_stream(llm: Any, ids: list[int], n: int) -> tuple[float, float]:
     llm.reset()
     t0 = time.perf_counter()
     first = None
-    count = 0
-    for _tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-        count += 1
+    gen = llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True)
+    for count, _tok in enumerate(gen, 1):
         if first is None:
             first = time.perf_counter()
         if count == n:

@@ -21,7 +21,7 @@ def pipe(tiny_model: str) -> Iterator[Pipeline]:
 
 
 def test_public_names() -> None:
-    assert GenerationConfig is paged_engine.SamplingParams
+    assert issubclass(GenerationConfig, paged_engine.SamplingParams)
     assert llm_serve.EngineConfig is paged_engine.EngineConfig
     assert dataclasses.is_dataclass(Response)
 
@@ -39,8 +39,59 @@ def test_single_prompt(pipe: Pipeline) -> None:
     assert r.finish_reason == "length"
     assert isinstance(r.text, str)
     assert r.cached_tokens >= 0
-    default = pipe("hi")  # GenerationConfig() defaults: 16 tokens at most
-    assert isinstance(default, Response) and default.generate_token_len <= 16
+    default = pipe("hi")  # LMDeploy's defaults: greedy, at most 512 new tokens
+    assert isinstance(default, Response) and default.generate_token_len <= 512
+    n = min(12, default.generate_token_len)
+    assert default.token_ids[:n] == r.token_ids[:n]
+
+
+def test_lmdeploy_generation_config_names() -> None:
+    lm = GenerationConfig(
+        max_new_tokens=7, min_new_tokens=2, do_sample=True, random_seed=5, stop_words=["x"]
+    )
+    assert (lm.max_tokens, lm.min_tokens, lm.temperature, lm.seed, lm.stop) == (7, 2, 1.0, 5, ["x"])
+    assert GenerationConfig(do_sample=False, top_p=0.5).temperature == 0
+    assert (GenerationConfig().max_tokens, GenerationConfig().temperature) == (512, 0)
+    assert GenerationConfig(max_new_tokens=3, max_tokens=3).max_tokens == 3  # agreeing: fine
+    for bad in (
+        {"max_new_tokens": 3, "max_tokens": 4},
+        {"random_seed": 1, "seed": 2},
+        {"stop_words": ["a"], "stop": ["b"]},
+        {"min_new_tokens": 1, "min_tokens": 2},
+        {"do_sample": False, "temperature": 0.7},
+        {"do_sample": True, "temperature": 0},
+    ):
+        with pytest.raises(ValueError):
+            GenerationConfig(**bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        GenerationConfig(max_new_token=3)  # a misspelt name is not ignored
+    again = dataclasses.replace(lm, seed=9)
+    assert isinstance(again, GenerationConfig) and (again.seed, again.max_tokens) == (9, 7)
+
+
+def test_message_lists_and_logprobs(pipe: Pipeline) -> None:
+    conversation = [{"role": "user", "content": "hi"}]
+    chat = pipe.chat(conversation, gen_config=GREEDY)
+    one = pipe(conversation, gen_config=GREEDY)
+    batch = pipe([conversation, "plain"], gen_config=GREEDY)
+    assert isinstance(chat, Response) and isinstance(one, Response) and isinstance(batch, list)
+    assert one.text == chat.text == batch[0].text and batch[1].input_token_len == 5
+    with_lp = pipe("hi", gen_config=dataclasses.replace(GREEDY, logprobs=2))
+    assert isinstance(with_lp, Response) and with_lp.logprobs is not None
+    assert len(with_lp.logprobs) == 12 and all(len(e) >= 2 for e in with_lp.logprobs)
+    assert [next(iter(e)) for e in with_lp.logprobs] == with_lp.token_ids
+    deltas = list(pipe.stream_infer("hi", gen_config=dataclasses.replace(GREEDY, logprobs=2)))
+    assert [e for d in deltas for e in d.logprobs or []] == with_lp.logprobs
+    assert one.logprobs is None
+
+
+def test_lmdeploy_engine_names(tiny_model: str) -> None:
+    with pytest.raises(ValueError, match="session_len"):
+        pipeline(tiny_model, session_len=32, max_model_len=64)
+    config = EngineConfig(device="cpu", num_blocks=16)
+    with pipeline(tiny_model, config, session_len=64, max_prefill_token_num=32) as p:
+        assert (p.config.max_model_len, p.config.max_num_batched_tokens) == (64, 32)
+        assert p.engine.max_model_len == 64
 
 
 def test_batch_in_order_and_per_prompt_configs(pipe: Pipeline) -> None:
@@ -100,10 +151,6 @@ def test_chat_applies_the_template(pipe: Pipeline) -> None:
     assert isinstance(rs, list) and len(rs) == 2 and rs[0].text == r.text
 
 
-@pytest.mark.skipif(
-    "enable_prefix_caching" not in {f.name for f in dataclasses.fields(EngineConfig)},
-    reason="the engine has no prefix caching yet",
-)
 def test_cached_tokens_on_a_repeated_prefix(pipe: Pipeline) -> None:
     system = "A long shared system prompt. " * 4
     pipe(system + "first", gen_config=GREEDY)

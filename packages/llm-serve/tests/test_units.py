@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
 
 import pytest
 
@@ -18,7 +17,7 @@ from llm_serve.protocol import (
     unsupported_fields,
 )
 from llm_serve.state import ServerSettings, served_model_name
-from paged_engine import EngineConfig, SamplingParams
+from paged_engine import EngineConfig
 
 
 def _serve_args(*argv: str) -> argparse.Namespace:
@@ -51,6 +50,20 @@ def test_server_flag_defaults() -> None:
     assert engine_args.engine_config_from_args(args, args.model) == EngineConfig()
 
 
+def test_model_is_positional_or_an_option() -> None:
+    for argv in (["m"], ["--model", "m"], ["m", "--model", "m"]):
+        args = _serve_args(*argv)
+        assert cli._model(args) == "m"
+        assert engine_args.engine_config_from_args(args, cli._model(args)).model == "m"
+    with pytest.raises(ValueError, match="twice"):
+        cli._model(_serve_args("a", "--model", "b"))
+    assert cli.main(["serve", "a", "--model", "b"]) == 2
+    chat = cli.build_parser().parse_args(["chat", "--model", "m", "--revision", "v1"])
+    config = engine_args.engine_config_from_args(chat, cli._model(chat))
+    assert (config.model, config.revision) == ("m", "v1")
+    assert served_model_name("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
 def test_engine_flags_parse_into_the_config() -> None:
     args = _serve_args(
         "dummy:x.json",
@@ -81,9 +94,23 @@ def test_engine_flags_parse_into_the_config() -> None:
     assert engine_args.engine_config_from_args(_serve_args(), None).kv_disk_dir is None
     with pytest.raises(SystemExit):
         _serve_args("--max-batch-size", "many")
-    with pytest.raises(ValueError):
-        engine_args.engine_config_from_args(_serve_args("--quant-policy", "3"), None)
-    assert cli.main(["serve", "--quant-policy", "3"]) == 2
+    with pytest.raises(SystemExit):
+        _serve_args("--quant-policy", "3")
+    with pytest.raises(ValueError, match="block_size"):
+        engine_args.engine_config_from_args(_serve_args("--block-size", "3"), None)
+    assert cli.main(["serve", "--block-size", "3"]) == 2
+
+
+def test_enumerated_flags_list_their_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _serve_args("--help")
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, choices in engine_args.ENGINE_FLAG_CHOICES.items():
+        assert f"--{flag.replace('_', '-')} {{{','.join(str(c) for c in choices)}}}" in text
+    assert "--quant-policy {0,8,4}" in text and "--eviction-policy {lru,lfu,hybrid}" in text
+    assert _serve_args("--eviction-policy", "lfu").eviction_policy == "lfu"
+    with pytest.raises(SystemExit):
+        _serve_args("--eviction-policy", "fifo")
 
 
 @dataclass
@@ -92,7 +119,6 @@ class _FutureConfig:
     block_size: int = 16
     new_knob: float | None = None
     fancy_mode: bool = False
-    policy: Literal["a", "b"] = "a"
 
 
 def test_engine_flags_follow_the_dataclass(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,19 +126,9 @@ def test_engine_flags_follow_the_dataclass(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(engine_args, "EngineConfig", _FutureConfig)
     parser = argparse.ArgumentParser()
     engine_args.add_engine_args(parser)
-    args = parser.parse_args(["--new-knob", "0.5", "--fancy-mode", "--policy", "b"])
+    args = parser.parse_args(["--new-knob", "0.5", "--fancy-mode"])
     cfg = engine_args.engine_config_from_args(args, "m")
-    assert cfg == _FutureConfig(model="m", new_knob=0.5, fancy_mode=True, policy="b")  # type: ignore[comparison-overlap]
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--policy", "c"])
-
-
-@dataclass
-class _OldSamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    seed: int | None = None
-    ignore_eos: bool = False
+    assert cfg == _FutureConfig(model="m", new_knob=0.5, fancy_mode=True)  # type: ignore[comparison-overlap]
 
 
 def _values(**body: object) -> dict[str, tuple[str, object]]:
@@ -122,25 +138,16 @@ def _values(**body: object) -> dict[str, tuple[str, object]]:
     return sampling.request_sampling_values(req)
 
 
-def test_unsupported_sampling_fields_are_refused_until_the_engine_has_them(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(sampling, "SamplingParams", _OldSamplingParams)
-    with pytest.raises(APIError) as err:
-        sampling.sampling_params(_values(top_p=0.5))
-    assert err.value.status_code == 400 and err.value.param == "top_p"
-    assert "not supported" in err.value.message
-    with pytest.raises(APIError, match="stop"):
-        sampling.sampling_params(_values(stop="x"))
-    # neutral values pass
+def test_sampling_values_reach_the_params() -> None:
+    p = sampling.sampling_params(_values(top_p=0.5, stop="x", top_k=3, min_p=0.1))
+    assert (p.top_p, p.stop, p.top_k, p.min_p) == (0.5, ["x"], 3, 0.1)
     p = sampling.sampling_params(
-        _values(top_p=1.0, top_k=-1, stop=[], presence_penalty=0.0, logprobs=False, seed=3)
+        _values(min_tokens=2, skip_special_tokens=False, prompt_logprobs=1, max_tokens=4)
     )
-    assert p == _OldSamplingParams(seed=3)  # type: ignore[comparison-overlap]
-    monkeypatch.undo()
-    p2 = sampling.sampling_params(_values(top_p=0.5, stop="x"))
-    assert isinstance(p2, SamplingParams)
-    assert getattr(p2, "top_p", None) == 0.5
+    assert (p.min_tokens, p.skip_special_tokens, p.prompt_logprobs) == (2, False, 1)
+    with pytest.raises(APIError) as err:
+        sampling.sampling_params(_values(stop_token_ids=[-1]))
+    assert err.value.status_code == 400 and err.value.param == "stop_token_ids"
 
 
 def test_sampling_mapping() -> None:
@@ -151,8 +158,7 @@ def test_sampling_mapping() -> None:
     assert sampling.sampling_params(_values(), defaults={"max_tokens": 99}).max_tokens == 99
     with pytest.raises(APIError, match="top_logprobs"):
         _values(top_logprobs=2)
-    if "logprobs" in sampling.supported_sampling_fields():
-        assert sampling.sampling_params(_values(logprobs=True, top_logprobs=3)).logprobs == 3  # type: ignore[attr-defined]
+    assert sampling.sampling_params(_values(logprobs=True, top_logprobs=3)).logprobs == 3
 
 
 def test_parse_request_errors() -> None:

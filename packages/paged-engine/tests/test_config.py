@@ -118,3 +118,26 @@ def test_qwen_sliding_window_only_when_enabled() -> None:
     assert ModelConfig.from_dict(base).max_len == 1024
     assert ModelConfig.from_dict({**base, "use_sliding_window": True}).max_len == 64
     assert ModelConfig.from_dict(base).qkv_bias
+
+
+def test_lmdeploy_engine_names_are_aliases() -> None:
+    cfg = EngineConfig(cache_max_entry_count=0.3, session_len=128, max_prefill_token_num=64)
+    assert (cfg.cache_size_limit, cfg.max_model_len, cfg.max_num_batched_tokens) == (0.3, 128, 64)
+    assert EngineConfig(session_len=128, max_model_len=128).max_model_len == 128
+    for alias, name in (
+        ("session_len", "max_model_len"),
+        ("cache_max_entry_count", "cache_size_limit"),
+    ):
+        with pytest.raises(ValueError, match=f"{alias}=.* and {name}="):
+            EngineConfig(
+                **{alias: 0.5 if "cache" in alias else 64, name: 0.25 if "cache" in alias else 32}
+            )
+    # In replace() an alias overrides the field's old value, as the field's own name would.
+    assert cfg.replace(session_len=256).max_model_len == 256
+    with pytest.raises(ValueError, match="session_len"):
+        cfg.replace(session_len=256, max_model_len=64)
+    with pytest.raises(ValueError, match="cache_size_limit"):
+        EngineConfig(cache_max_entry_count=2.0)  # the alias's value is validated as the field's
+    assert EngineConfig(tp=1) == EngineConfig()
+    with pytest.raises(ValueError, match="one device"):
+        EngineConfig(tp=2)

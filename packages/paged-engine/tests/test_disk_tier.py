@@ -234,13 +234,13 @@ def test_tenants_stay_apart_and_reset_clears_both_tiers(model: str, tmp_path: Pa
 def test_a_full_writer_queue_drops_spills_instead_of_stalling(model: str, tmp_path: Path) -> None:
     engine = _engine(model, None)
     _run(engine, PROMPT)
-    assert engine.block_pool.index is not None
     store = DiskBlockStore(tmp_path, {"test": 1})
     gate = threading.Event()
     real_put = store.put
     store.put = lambda *a: gate.wait(30) and real_put(*a)  # type: ignore[method-assign]
     tier = DiskTier(store, engine.kv_cache, queue_blocks=3)
-    blocks = engine.block_pool.index.blocks()
+    blocks = engine.block_pool.cached_chain()
+    assert blocks
     start = time.monotonic()
     queued = tier.spill(blocks)
     assert time.monotonic() - start < 5

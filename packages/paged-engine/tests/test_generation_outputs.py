@@ -123,6 +123,42 @@ def test_stop_token_ids_end_generation(llama: tuple[Path, Any]) -> None:
     assert out.text == ByteTokenizer().decode(ref_ids[:first])  # the stop token is not shown
 
 
+def test_min_tokens_holds_off_stop_tokens_and_stop_strings(llama: tuple[Path, Any]) -> None:
+    ref_ids, ref_text = _reference(llama[0])
+    first = ref_ids.index(ref_ids[2])  # where greedy decoding first emits that token
+    tok, m = ref_ids[first], first + 4
+    engine = _engine(llama[0])
+    base: dict[str, Any] = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    plain = engine.generate([PROMPT], SamplingParams(stop_token_ids=[tok], **base), False)[0]
+    assert plain.token_ids == ref_ids[: first + 1] and plain.finish_reason == "stop"
+    held = engine.generate(
+        [PROMPT], SamplingParams(stop_token_ids=[tok], min_tokens=m, logprobs=2, **base), False
+    )[0]
+    assert len(held.token_ids) >= m and tok not in held.token_ids[:m]
+    assert held.token_ids[:first] == ref_ids[:first]
+    # At the suppressed position the raw distribution still prefers the stop token; the
+    # engine took the best token among the others.
+    assert held.logprobs is not None
+    ranked = sorted(held.logprobs[first], key=held.logprobs[first].__getitem__, reverse=True)
+    assert ranked[0] == tok and held.token_ids[first] == ranked[1]
+    # A stop string completed before min_tokens does not end generation.
+    stop = ref_text[first]
+    early = engine.generate([PROMPT], SamplingParams(stop=stop, **base), False)[0]
+    assert early.finish_reason == "stop" and len(early.token_ids) == first + 1
+    late = engine.generate([PROMPT], SamplingParams(stop=stop, min_tokens=m, **base), False)[0]
+    assert len(late.token_ids) >= m and late.token_ids[:m] == ref_ids[:m]
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=2, min_tokens=3)
+
+
+def test_skip_special_tokens_false_shows_them() -> None:
+    eos = ByteTokenizer.EOS
+    for skip, text in ((True, "ab"), (False, "a<|endoftext|>b")):
+        det = IncrementalDetokenizer(ByteTokenizer(), [], skip_special_tokens=skip)
+        shown = "".join(det.append(t) for t in (ord("a"), eos, ord("b"))) + det.flush()
+        assert shown == det.text == text
+
+
 def test_stop_checker_helpers() -> None:
     assert find_stop("abcSTOPdef", ["STOP"], 5) == (3, 7)
     assert find_stop("abcSTOPdef", ["STOP"], 8) is None  # already checked before

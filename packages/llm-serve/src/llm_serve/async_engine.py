@@ -14,8 +14,8 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from paged_engine import EngineStats, LLMEngine, RequestOutput, SamplingParams
@@ -48,13 +48,14 @@ class QueueFullError(RuntimeError):
 
 @dataclass
 class EngineRequest:
-    """One engine request: a tokenized prompt, its sampling parameters, and extra keyword
-    arguments for ``LLMEngine.add_request`` (e.g. ``cache_salt`` once the engine takes it)."""
+    """One engine request: what ``LLMEngine.add_request`` takes (``arrival_time``:
+    ``time.monotonic()``, set by ``AsyncEngine.add`` when None)."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    extra: dict[str, Any] = field(default_factory=dict)
+    cache_salt: bytes = b""
+    arrival_time: float | None = None
 
 
 class OutputStream:
@@ -87,10 +88,6 @@ class OutputStream:
         if item.finished:
             self._unfinished.discard(item.request_id)
         return item
-
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        while not self.finished:
-            yield await self.get()
 
     def abort(self) -> None:
         """Abort every unfinished request of the group (idempotent; thread-safe)."""
@@ -205,13 +202,10 @@ class AsyncEngine:
 
         Call from the event loop given to ``start``. Raises ``EngineNotReadyError``,
         ``EngineDeadError`` or ``QueueFullError`` without queueing anything. A request's
-        arrival time (``extra["arrival_time"]``, ``time.monotonic()``) is now unless given, so
+        ``arrival_time`` is now unless given, so
         time spent queued here counts towards its queue time and time to first token.
         """
-        if self.fatal_error is not None:
-            raise EngineDeadError(f"the engine failed: {self.fatal_error}")
-        if not self._ready.is_set() or self._stopping:
-            raise EngineNotReadyError(self._not_ready_message())
+        self._check_serving()
         stream = OutputStream(self, [r.request_id for r in requests])
         with self._cond:
             waiting = len(self._inbox) + self._engine_waiting
@@ -222,7 +216,8 @@ class AsyncEngine:
                 )
             now = time.monotonic()
             for r in requests:
-                r.extra.setdefault("arrival_time", now)
+                if r.arrival_time is None:
+                    r.arrival_time = now
                 self._streams[r.request_id] = stream
             self._inbox.extend(requests)
             self._cond.notify_all()
@@ -233,10 +228,7 @@ class AsyncEngine:
         raise its exception) without blocking the event loop; for operations such as cache
         statistics or resets. Raises ``EngineNotReadyError`` / ``EngineDeadError`` like ``add``.
         """
-        if self.fatal_error is not None:
-            raise EngineDeadError(f"the engine failed: {self.fatal_error}")
-        if not self._ready.is_set() or self._stopping or self._engine is None:
-            raise EngineNotReadyError(self._not_ready_message())
+        self._check_serving()
         future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
         with self._cond:
             self._calls.append((fn, future))
@@ -254,6 +246,12 @@ class AsyncEngine:
         with self._cond:
             self._abort_all = True
             self._cond.notify_all()
+
+    def _check_serving(self) -> None:
+        if self.fatal_error is not None:
+            raise EngineDeadError(f"the engine failed: {self.fatal_error}")
+        if not self._ready.is_set() or self._stopping or self._engine is None:
+            raise EngineNotReadyError(self._not_ready_message())
 
     def _not_ready_message(self) -> str:
         if self.load_error is not None:
@@ -322,10 +320,14 @@ class AsyncEngine:
             for req in adds:
                 try:
                     engine.add_request(
-                        req.request_id, req.prompt_token_ids, req.params, **req.extra
+                        req.request_id,
+                        req.prompt_token_ids,
+                        req.params,
+                        req.arrival_time,
+                        req.cache_salt,
                     )
                     live.add(req.request_id)
-                except Exception as exc:  # a duplicate id or an engine that rejects a kwarg
+                except Exception as exc:  # a duplicate request id
                     outputs.append(
                         RequestOutput(
                             request_id=req.request_id,

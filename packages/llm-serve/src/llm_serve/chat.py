@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from paged_engine import SamplingParams
+from paged_engine import PromptTooLongError, SamplingParams
 
 from .pipeline import Pipeline
 
@@ -51,17 +51,13 @@ class ChatSession:
         """Drop the oldest turns of ``messages`` (in place) until its prompt fits the context;
         returns the prompt. Raises ``ValueError`` when even the last message alone is too long."""
         engine = self.pipe.engine
-        limit = min(int(getattr(engine, "max_seq_len", engine.max_model_len)), engine.max_model_len)
         first = 1 if self.system else 0
         while True:
-            ids = self.pipe.chat_prompt(messages)
-            if len(ids) < limit:
-                return ids
-            if len(messages) - first <= 1:
-                raise ValueError(
-                    f"the message is too long for this model ({len(ids)} tokens, the limit is "
-                    f"{limit - 1})"
-                )
+            try:
+                return engine.check_prompt(engine.chat_prompt(messages))
+            except PromptTooLongError as exc:
+                if len(messages) - first <= 1:
+                    raise ValueError(f"the message is too long for this model: {exc}") from None
             del messages[first]  # the oldest turn goes first: its question and answer
             while len(messages) - first > 1 and messages[first]["role"] != "user":
                 del messages[first]

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .engine_args import add_engine_args, engine_config_from_args
 from .state import DEFAULT_MAX_REQUEST_BYTES
@@ -21,37 +22,43 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_LOG_STATS_INTERVAL = 5.0
 
 _MODEL_HELP = (
-    "'default' (the bundled SmolLM2-135M-Instruct), a model directory, a .gguf file, or "
-    "'dummy:<preset|config.json>' (random weights) [default: default]"
+    "'default' (the bundled SmolLM2-135M-Instruct), a model directory, a .gguf file, a Hugging "
+    "Face Hub id already in the local cache (see --revision), or 'dummy:<preset|config.json>' "
+    "(random weights) [default: default]"
 )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--model", dest="model_option", metavar="MODEL", help="the same as MODEL")
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+def _model(args: argparse.Namespace) -> str | None:
+    """MODEL, given as the positional argument or as ``--model`` (``vllm serve`` style)."""
+    if args.model and args.model_option and args.model != args.model_option:
+        raise ValueError(f"MODEL is given twice: {args.model!r} and --model {args.model_option!r}")
+    return args.model or args.model_option  # type: ignore[no-any-return]
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def _at_least(kind: Callable[[str], float], low: float, strict: bool = False) -> Any:
+    """An argparse type: ``kind(text)``, which must be >= ``low`` (> when ``strict``)."""
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not (value > low if strict else value >= low):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>' if strict else '>='} {low}, got {value}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's error names the type
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive_int = _at_least(int, 1)
+_positive_float = _at_least(float, 0, strict=True)
+_non_negative_int = _at_least(int, 0)
+_non_negative_float = _at_least(float, 0)
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -62,7 +69,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "/v1/chat/completions, /v1/models, /health, /metrics, /v1/cache/stats, "
         "/v1/cache/reset).",
     )
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=_MODEL_HELP)
+    _add_model(p)
     srv = p.add_argument_group("server")
     srv.add_argument(
         "--host", default=DEFAULT_HOST, help="address to listen on [default: 127.0.0.1]"
@@ -133,7 +140,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .tenancy import keys_from_env, validate_api_key
 
     try:
-        config = engine_config_from_args(args, args.model)
+        config = engine_config_from_args(args, _model(args))
         keys = [validate_api_key(k, "--api-key") for k in args.api_key] + keys_from_env()
     except (TypeError, ValueError) as exc:
         print(f"llm-serve serve: error: {exc}", file=sys.stderr)
@@ -165,7 +172,7 @@ def _add_chat(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "they are generated; the conversation is kept across turns. Type /reset to clear it, "
         "/exit (or Ctrl-D) to quit; Ctrl-C stops a reply.",
     )
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=_MODEL_HELP)
+    _add_model(p)
     gen = p.add_argument_group("generation")
     gen.add_argument(
         "--max-tokens",
@@ -201,7 +208,7 @@ def _chat(args: argparse.Namespace) -> int:
         print(f"llm-serve chat: error: --top-p must be <= 1, got {args.top_p}", file=sys.stderr)
         return 2
     try:
-        config = engine_config_from_args(args, args.model)
+        config = engine_config_from_args(args, _model(args))
         gen = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p
         )

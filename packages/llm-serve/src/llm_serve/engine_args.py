@@ -16,8 +16,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from paged_engine import EngineConfig
+from paged_engine.config import DTYPES, EVICTION_POLICIES, QUANT_POLICIES, WEIGHT_QUANT_CHOICES
 
-__all__ = ["ENGINE_FLAG_HELP", "add_engine_args", "engine_config_from_args"]
+__all__ = ["ENGINE_FLAG_CHOICES", "ENGINE_FLAG_HELP", "add_engine_args", "engine_config_from_args"]
 
 # Help for the fields known today; a new field gets a generic line.
 ENGINE_FLAG_HELP: Mapping[str, str] = {
@@ -46,6 +47,15 @@ ENGINE_FLAG_HELP: Mapping[str, str] = {
     "kv_disk_size_limit": "bytes the disk tier may hold; the least recently used blocks go "
     "first; 'none' (the default): no limit",
     "seed": "seed of the engine's random stream (requests with their own seed are independent)",
+    "revision": "branch, tag or commit of a Hugging Face Hub MODEL [default: main]",
+}
+
+# Flags whose values form a closed set: argparse checks them and --help lists them.
+ENGINE_FLAG_CHOICES: Mapping[str, tuple[Any, ...]] = {
+    "quant_policy": QUANT_POLICIES,
+    "eviction_policy": EVICTION_POLICIES,
+    "dtype": ("auto", *DTYPES),
+    "weight_quant": WEIGHT_QUANT_CHOICES,
 }
 
 _SKIP = frozenset({"model"})
@@ -55,31 +65,18 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _converter(tp: Any) -> tuple[Callable[[str], Any] | None, bool, tuple[Any, ...] | None]:
-    """(parse function or None for booleans, whether None is allowed, choices) for a type."""
+def _converter(tp: Any) -> tuple[Callable[[str], Any] | None, bool]:
+    """(parse function, or None for booleans; whether None is allowed) for a field's type."""
     args = typing.get_args(tp)
-    origin = typing.get_origin(tp)
-    optional = False
-    if origin in (typing.Union, types.UnionType):
-        optional = type(None) in args
-        members = [a for a in args if a is not type(None)]
-    else:
-        members = [tp]
-    literal: list[Any] = []
-    for m in members:
-        if typing.get_origin(m) is typing.Literal:
-            literal.extend(typing.get_args(m))
-    if literal:
-        kinds = {type(v) for v in literal}
-        base: Callable[[str], Any] = int if kinds == {int} else str
-        return base, optional, tuple(literal)
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
+    members = [a for a in args if a is not type(None)] if optional else [tp]
     if members == [bool]:
-        return None, optional, None
+        return None, optional
     if int in members and float not in members and str not in members:
-        return int, optional, None
+        return int, optional
     if float in members and str not in members:
-        return float, optional, None
-    return str, optional, None
+        return float, optional
+    return str, optional
 
 
 def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -97,29 +94,21 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(EngineConfig):
         if f.name in _SKIP or not f.init:
             continue
-        parse, optional, choices = _converter(hints.get(f.name, str))
+        parse, optional = _converter(hints.get(f.name, str))
+        choices = ENGINE_FLAG_CHOICES.get(f.name)
         default = f.default if f.default is not dataclasses.MISSING else None
         text = ENGINE_FLAG_HELP.get(f.name, f"EngineConfig.{f.name}")
         if "default" not in text:
             text = f"{text} [default: {'none' if default is None else default}]"
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
         if parse is None:
-            group.add_argument(
-                _flag(f.name),
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=text,
-            )
-            continue
-        group.add_argument(
-            _flag(f.name),
-            dest=f.name,
-            type=_optional(parse) if optional else parse,
-            choices=None if choices is None else ((*choices, None) if optional else choices),
-            default=argparse.SUPPRESS,
-            metavar=None if choices is None else "{" + ",".join(str(c) for c in choices) + "}",
-            help=text,
-        )
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = _optional(parse) if optional else parse
+        if choices is not None:
+            kw["choices"] = (*choices, None) if optional else choices
+            kw["metavar"] = "{" + ",".join(str(c) for c in choices) + "}"
+        group.add_argument(_flag(f.name), **kw)
 
 
 def engine_config_from_args(args: argparse.Namespace, model: str | None) -> EngineConfig:

@@ -1,4 +1,4 @@
-"""Prometheus metrics, the cache routes and the periodic statistics log line.
+"""Prometheus metrics and the periodic statistics log line.
 
 Every app has its own ``CollectorRegistry`` (nothing touches prometheus_client's global one),
 so several servers can live in one process. Engine-wide figures come from the ``EngineStats``
@@ -16,27 +16,23 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, Field
 
 from paged_engine import EngineStats, RequestOutput
 
-from .async_engine import AsyncEngine, EngineDeadError, EngineNotReadyError
-from .protocol import APIError, parse_request
-from .state import ServerState, get_state
+from .async_engine import AsyncEngine
+from .protocol import APIError
+from .state import get_state
 
 __all__ = [
     "METRIC_PREFIX",
     "ServerMetrics",
     "StatsLogger",
-    "cache_router",
-    "cache_stats_dict",
     "log_stats_forever",
     "metrics_router",
 ]
@@ -85,109 +81,55 @@ class _EngineCollector(Collector):
 
     @staticmethod
     def _families(stats: EngineStats | None, waiting: int) -> Iterator[Metric]:
-        def counter(short: str, doc: str, value: float) -> CounterMetricFamily:
-            family = CounterMetricFamily(_name(short), doc)
+        for counter, short, field, doc in _ENGINE_METRICS:
+            family = (CounterMetricFamily if counter else GaugeMetricFamily)(_name(short), doc)
             if stats is not None:
-                family.add_metric([], value)
-            return family
-
-        def gauge(short: str, doc: str, value: float) -> GaugeMetricFamily:
-            family = GaugeMetricFamily(_name(short), doc)
-            if stats is not None:
-                family.add_metric([], value)
-            return family
-
-        s = stats
-        yield counter(
-            "prefix_cache_queries_total",
-            "Prompt tokens looked up in the prefix cache (once per request, at first admission).",
-            s.prefix_cache_queried_tokens if s else 0,
-        )
-        yield counter(
-            "prefix_cache_hits_total",
-            "Prompt tokens found in the prefix cache (once per request, at first admission).",
-            s.prefix_cache_hit_tokens if s else 0,
-        )
-        yield gauge(
-            "prefix_cache_hit_rate",
-            "prefix_cache_hits_total / prefix_cache_queries_total since the server started.",
-            s.prefix_cache_hit_rate if s else 0.0,
-        )
-        yield gauge(
-            "kv_cache_usage_perc",
-            "Fraction (0 to 1) of KV blocks held by running requests (cached blocks excluded).",
-            s.kv_usage if s else 0.0,
-        )
+                family.add_metric([], waiting if field == "waiting" else getattr(stats, field))
+            yield family
         blocks = GaugeMetricFamily(
             _name("kv_cache_blocks"),
             "KV blocks by state: free, cached (reusable, held only by the prefix cache) or "
             "used (held by requests).",
             labels=["state"],
         )
-        if s is not None:
-            blocks.add_metric(["free"], s.num_blocks_free)
-            blocks.add_metric(["cached"], s.num_blocks_cached)
-            blocks.add_metric(["used"], s.num_blocks_used)
+        if stats is not None:
+            blocks.add_metric(["free"], stats.num_blocks_free)
+            blocks.add_metric(["cached"], stats.num_blocks_cached)
+            blocks.add_metric(["used"], stats.num_blocks_used)
         yield blocks
-        yield counter(
-            "cache_evictions_total",
-            "Cached blocks evicted to make room.",
-            s.num_evictions if s else 0,
-        )
-        yield counter(
-            "cache_expirations_total",
-            "Cached blocks dropped by the cache TTL.",
-            s.num_expirations if s else 0,
-        )
-        yield counter(
-            "disk_hit_tokens_total",
-            "Prompt tokens loaded from the disk tier (also counted in prefix_cache_hits_total).",
-            s.disk_hit_tokens if s else 0,
-        )
-        yield counter(
-            "disk_spills_total",
-            "KV blocks written to the disk tier (evicted, persisted or at shutdown).",
-            s.disk_spills if s else 0,
-        )
-        yield counter(
-            "disk_spill_drops_total",
-            "KV blocks not written to the disk tier because its writer's queue was full.",
-            s.disk_spill_drops if s else 0,
-        )
-        yield counter(
-            "disk_load_seconds_total",
-            "Seconds spent loading KV blocks from the disk tier at admission.",
-            s.disk_load_seconds if s else 0.0,
-        )
-        yield gauge(
-            "kv_disk_blocks", "KV blocks stored in the disk tier.", s.disk_blocks if s else 0
-        )
-        yield gauge(
-            "kv_disk_bytes", "Bytes of the disk tier's block files.", s.disk_bytes if s else 0
-        )
-        yield counter(
-            "num_preemptions_total",
-            "Running requests preempted for lack of KV blocks (recomputed later).",
-            s.num_preemptions if s else 0,
-        )
-        yield gauge(
-            "num_requests_running", "Requests running in the engine.", s.num_running if s else 0
-        )
-        yield gauge(
-            "num_requests_waiting",
-            "Requests accepted and not yet running (queued for the engine or its scheduler).",
-            waiting,
-        )
-        yield counter(
-            "prompt_tokens_total",
-            "Prompt tokens of requests added to the engine.",
-            s.prompt_tokens_total if s else 0,
-        )
-        yield counter(
-            "generation_tokens_total",
-            "Tokens generated.",
-            s.generation_tokens_total if s else 0,
-        )
+
+
+# (counter or gauge, name, EngineStats field or "waiting", help)
+_ENGINE_METRICS: tuple[tuple[bool, str, str, str], ...] = (
+    (True, "prefix_cache_queries_total", "prefix_cache_queried_tokens",
+     "Prompt tokens looked up in the prefix cache (once per request, at first admission)."),
+    (True, "prefix_cache_hits_total", "prefix_cache_hit_tokens",
+     "Prompt tokens found in the prefix cache (once per request, at first admission)."),
+    (False, "prefix_cache_hit_rate", "prefix_cache_hit_rate",
+     "prefix_cache_hits_total / prefix_cache_queries_total since the server started."),
+    (False, "kv_cache_usage_perc", "kv_usage",
+     "Fraction (0 to 1) of KV blocks held by running requests (cached blocks excluded)."),
+    (True, "cache_evictions_total", "num_evictions", "Cached blocks evicted to make room."),
+    (True, "cache_expirations_total", "num_expirations", "Cached blocks dropped by the cache TTL."),
+    (True, "disk_hit_tokens_total", "disk_hit_tokens",
+     "Prompt tokens loaded from the disk tier (also counted in prefix_cache_hits_total)."),
+    (True, "disk_spills_total", "disk_spills",
+     "KV blocks written to the disk tier (evicted, persisted or at shutdown)."),
+    (True, "disk_spill_drops_total", "disk_spill_drops",
+     "KV blocks not written to the disk tier because its writer's queue was full."),
+    (True, "disk_load_seconds_total", "disk_load_seconds",
+     "Seconds spent loading KV blocks from the disk tier at admission."),
+    (False, "kv_disk_blocks", "disk_blocks", "KV blocks stored in the disk tier."),
+    (False, "kv_disk_bytes", "disk_bytes", "Bytes of the disk tier's block files."),
+    (True, "num_preemptions_total", "num_preemptions",
+     "Running requests preempted for lack of KV blocks (recomputed later)."),
+    (False, "num_requests_running", "num_running", "Requests running in the engine."),
+    (False, "num_requests_waiting", "waiting",
+     "Requests accepted and not yet running (queued for the engine or its scheduler)."),
+    (True, "prompt_tokens_total", "prompt_tokens_total",
+     "Prompt tokens of requests added to the engine."),
+    (True, "generation_tokens_total", "generation_tokens_total", "Tokens generated."),
+)  # fmt: skip
 
 
 class ServerMetrics:
@@ -263,83 +205,6 @@ def metrics_router() -> APIRouter:
         if state.metrics is None:
             raise APIError(404, "metrics are not enabled on this server", type="not_found_error")
         return Response(content=state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
-    return router
-
-
-# -- cache routes -----------------------------------------------------------------------------------
-
-
-def cache_stats_dict(stats: EngineStats, block_size: int | None = None) -> dict[str, Any]:
-    """The cache figures of ``stats`` as a JSON-ready dict (every ``EngineStats`` field plus
-    ``prefix_cache_hit_rate`` and, when given, ``block_size``)."""
-    out: dict[str, Any] = dataclasses.asdict(stats)
-    out["prefix_cache_hit_rate"] = stats.prefix_cache_hit_rate
-    if block_size is not None:
-        out["block_size"] = block_size
-    return out
-
-
-class CacheResetRequest(BaseModel):
-    """``POST /v1/cache/reset`` body (optional): the ``cache_salt`` whose namespace to reset."""
-
-    cache_salt: str | None = Field(default=None)
-
-
-async def _engine_call(state: ServerState, fn: Any) -> Any:
-    state.check_available()
-    try:
-        return await state.engine.call(fn)
-    except (EngineNotReadyError, EngineDeadError) as exc:
-        raise APIError(503, str(exc), type="service_unavailable") from None
-
-
-def cache_router() -> APIRouter:
-    """``GET /v1/cache/stats``, ``POST /v1/cache/reset`` and ``POST /v1/cache/persist``.
-
-    The stats are engine-wide (all tenants together), taken on the engine thread between two
-    steps. The reset drops the unreferenced cached blocks of the caller's namespace: with API
-    keys, ``xxh3_128(key) + cache_salt`` for the body's ``cache_salt`` (default empty), so a
-    tenant resets one of its namespaces at a time and never another tenant's; without keys,
-    the namespace of the given ``cache_salt``, or every namespace when none is given. Blocks
-    held by running requests stay. The reset clears the disk tier's blocks of that scope too;
-    the persist writes the in-memory cache of that scope to the disk tier and answers when it
-    is written (400 when the server runs without ``--kv-disk-dir``).
-    """
-    router = APIRouter()
-
-    @router.get("/v1/cache/stats")
-    async def cache_stats(request: Request) -> Response:
-        state = get_state(request)
-        stats: EngineStats = await _engine_call(state, lambda engine: engine.stats())
-        block_size = state.engine.engine.config.block_size
-        return JSONResponse(cache_stats_dict(stats, block_size))
-
-    async def scope_of(request: Request) -> tuple[ServerState, bytes | None, str]:
-        state = get_state(request)
-        raw = await request.body()
-        body = parse_request(CacheResetRequest, raw) if raw.strip() else CacheResetRequest()
-        if state.settings.api_keys:
-            return state, state.cache_namespace(request, body.cache_salt or ""), "tenant"
-        if body.cache_salt is not None:
-            return state, body.cache_salt.encode("utf-8"), "namespace"
-        return state, None, "all"
-
-    @router.post("/v1/cache/reset")
-    async def cache_reset(request: Request) -> Response:
-        state, namespace, scope = await scope_of(request)
-        freed: int = await _engine_call(state, lambda engine: engine.reset_prefix_cache(namespace))
-        return JSONResponse({"object": "cache.reset", "scope": scope, "freed_blocks": freed})
-
-    @router.post("/v1/cache/persist")
-    async def cache_persist(request: Request) -> Response:
-        state, namespace, scope = await scope_of(request)
-        if state.engine.ready and state.engine.engine.disk_tier is None:
-            raise APIError(400, "the disk tier is off: start the server with --kv-disk-dir")
-        written: int = await _engine_call(
-            state, lambda engine: engine.persist_prefix_cache(namespace)
-        )
-        return JSONResponse({"object": "cache.persist", "scope": scope, "written_blocks": written})
 
     return router
 

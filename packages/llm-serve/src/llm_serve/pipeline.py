@@ -22,14 +22,39 @@ from types import TracebackType
 from typing import Any, cast, overload
 
 from paged_engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from paged_engine.config import resolve_aliases
+from paged_engine.llm_engine import as_batch
+from paged_engine.tokenizer import Tokenizer
 
 __all__ = ["GenerationConfig", "Pipeline", "Prompt", "Response", "pipeline"]
 
-# LMDeploy's name for the sampling parameters: the same class.
-GenerationConfig = SamplingParams
-
-Prompt = str | list[int]
 Message = Mapping[str, Any]
+Prompt = str | list[int] | Sequence[Message]
+GenConfigs = SamplingParams | Sequence[SamplingParams] | None  # one for all prompts, or one each
+
+# LMDeploy's GenerationConfig names -> SamplingParams fields (the README has the whole table).
+LMDEPLOY_GENERATION_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "random_seed": "seed",
+    "stop_words": "stop",
+}
+
+
+class GenerationConfig(SamplingParams):
+    """LMDeploy's ``GenerationConfig``: ``SamplingParams`` with LMDeploy's defaults (greedy,
+    512 new tokens) that also takes LMDeploy's names (``LMDEPLOY_GENERATION_NAMES``).
+    ``do_sample=False`` means greedy (temperature 0); ``True`` samples at ``temperature``
+    (default 1.0). Raises ValueError when two names of one setting disagree."""
+
+    def __init__(self, do_sample: bool | None = None, **kwargs: Any) -> None:
+        kwargs = resolve_aliases(kwargs, LMDEPLOY_GENERATION_NAMES, "GenerationConfig")
+        t = kwargs.get("temperature")
+        if do_sample is not None and isinstance(t, (int, float)) and (t > 0) != do_sample:
+            raise ValueError(f"GenerationConfig: do_sample={do_sample} contradicts temperature={t}")
+        kwargs.setdefault("temperature", 1.0 if do_sample else 0.0)
+        kwargs.setdefault("max_tokens", 512)
+        super().__init__(**kwargs)
 
 
 @dataclass
@@ -40,7 +65,8 @@ class Response:
     ``generate_token_len``: tokens generated so far; ``cached_tokens``: prompt tokens whose KV
     came from the prefix cache; ``finish_reason``: ``stop`` / ``length`` (None in a delta that
     is not the last); ``token_ids``: the generated ids (a delta: the new ones); ``index``: the
-    prompt's position in the batch.
+    prompt's position in the batch; ``logprobs``: per generated token ``{token id: logprob}``
+    (the token first, then the top alternatives) when ``gen_config.logprobs`` asked for them.
     """
 
     text: str
@@ -50,34 +76,34 @@ class Response:
     finish_reason: str | None = None
     token_ids: list[int] = field(default_factory=list)
     index: int = 0
+    logprobs: list[dict[int, float]] | None = None
 
 
-def _is_token_ids(value: object) -> bool:
+def _is_conversation(value: object) -> bool:
     return (
-        isinstance(value, list)
+        isinstance(value, (list, tuple))
         and bool(value)
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+        and all(isinstance(m, Mapping) for m in value)
     )
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> tuple[bool, list[Prompt]]:
     """(whether ``prompts`` is a single prompt, the prompts as a list)."""
-    if isinstance(prompts, str) or _is_token_ids(prompts):
+    if _is_conversation(prompts):
         return True, [cast(Prompt, prompts)]
-    return False, list(cast(Sequence[Prompt], prompts))
-
-
-def _is_conversation(value: object) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(m, Mapping) for m in value)
+    batch = as_batch(cast(Any, prompts))
+    return isinstance(prompts, str) or batch[:1] == [prompts], cast(list[Prompt], batch)
 
 
 class Pipeline:
     """An engine and a friendly front: ``pipe(prompts)``, ``stream_infer``, ``chat``.
 
-    Prompts are strings or token-id lists; a list of them is a batch (answered in order).
-    ``gen_config`` is one ``GenerationConfig`` for all prompts or one per prompt (default:
-    ``GenerationConfig()``). Invalid prompts (empty, too long for the model) raise
-    ``ValueError``. Not thread-safe; ``close()`` (or leaving a ``with`` block) frees the engine.
+    A prompt is a string, a token-id list or a conversation (a list of ``{"role", "content"}``
+    messages, put through the model's chat template); a list of them is a batch (answered in
+    order). ``gen_config`` is one ``GenerationConfig`` for all prompts or one per prompt
+    (default: ``GenerationConfig()``, LMDeploy's: greedy, 512 new tokens). Invalid prompts
+    (empty, too long for the model) raise ``ValueError``. Not thread-safe; ``close()`` (or
+    leaving a ``with`` block) frees the engine.
     """
 
     def __init__(self, config: EngineConfig) -> None:
@@ -93,48 +119,34 @@ class Pipeline:
         return self._engine
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> Tokenizer:
         """The model's tokenizer."""
         return self.engine.tokenizer
 
     # -- generation -----------------------------------------------------------------------------
 
     @overload
-    def __call__(
-        self, prompts: str, gen_config: SamplingParams | Sequence[SamplingParams] | None = ...
-    ) -> Response: ...
+    def __call__(self, prompts: str, gen_config: GenConfigs = ...) -> Response: ...
 
     @overload
     def __call__(
-        self,
-        prompts: list[int] | Sequence[Prompt],
-        gen_config: SamplingParams | Sequence[SamplingParams] | None = ...,
+        self, prompts: list[int] | Sequence[Prompt], gen_config: GenConfigs = ...
     ) -> Response | list[Response]: ...
 
     def __call__(
-        self,
-        prompts: Prompt | Sequence[Prompt],
-        gen_config: SamplingParams | Sequence[SamplingParams] | None = None,
+        self, prompts: Prompt | Sequence[Prompt], gen_config: GenConfigs = None
     ) -> Response | list[Response]:
         """Generate for one prompt (returns a ``Response``) or a batch (a list, in order).
-        A single token-id list is one prompt."""
+        A single token-id list or conversation is one prompt."""
         single, batch = _as_batch(prompts)
-        results = self._generate(batch, gen_config)
-        return results[0] if single else results
-
-    def _generate(
-        self, batch: list[Prompt], gen_config: SamplingParams | Sequence[SamplingParams] | None
-    ) -> list[Response]:
         finals: dict[int, Response] = {}
         for delta, final in self._run(batch, gen_config):
             if final is not None:
-                finals[delta.index] = _final_response(final, delta.index)
-        return [finals[i] for i in range(len(batch))]
+                finals[delta.index] = _response(final, delta.index, final.text, 0)
+        return finals[0] if single else [finals[i] for i in range(len(batch))]
 
     def stream_infer(
-        self,
-        prompts: Prompt | Sequence[Prompt],
-        gen_config: SamplingParams | Sequence[SamplingParams] | None = None,
+        self, prompts: Prompt | Sequence[Prompt], gen_config: GenConfigs = None
     ) -> Generator[Response, None, None]:
         """Yield deltas as they are generated: ``text`` and ``token_ids`` hold only the new part,
         ``index`` says which prompt of the batch, and a prompt's last delta has its
@@ -146,35 +158,20 @@ class Pipeline:
     def chat(
         self,
         messages: str | Sequence[Message] | Sequence[Sequence[Message]],
-        gen_config: SamplingParams | Sequence[SamplingParams] | None = None,
+        gen_config: GenConfigs = None,
     ) -> Response | list[Response]:
-        """Answer a conversation (a list of ``{"role", "content"}`` messages, or a string taken
-        as one user message) with the model's chat template; a list of conversations is a
-        batch and returns a list."""
+        """Answer a conversation (a string is one user message); a list of conversations is a
+        batch and returns a list. The same as calling the pipeline on them."""
         if isinstance(messages, str):
-            return self(self.chat_prompt([{"role": "user", "content": messages}]), gen_config)
-        items = list(messages)
-        if items and all(_is_conversation(c) for c in items):
-            prompts: list[Prompt] = [self.chat_prompt(c) for c in items]  # type: ignore[arg-type]
-            return self._generate(prompts, gen_config)
-        return self(self.chat_prompt(items), gen_config)  # type: ignore[arg-type]
-
-    def chat_prompt(self, messages: Sequence[Message]) -> list[int]:
-        """The token ids of ``messages`` under the chat template, ready for the reply."""
-        tok: Any = self.engine.tokenizer
-        text = tok.apply_chat_template(
-            [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
-        )
-        return [int(t) for t in tok.encode(text, add_special_tokens=False)]
+            messages = [{"role": "user", "content": messages}]
+        return self(messages, gen_config)  # type: ignore[arg-type]
 
     def _run(
-        self,
-        batch: list[Prompt],
-        gen_config: SamplingParams | Sequence[SamplingParams] | None,
+        self, batch: list[Prompt], gen_config: GenConfigs
     ) -> Iterator[tuple[Response, RequestOutput | None]]:
         engine = self.engine
         if gen_config is None or isinstance(gen_config, SamplingParams):
-            params = [gen_config if gen_config is not None else SamplingParams()] * len(batch)
+            params = [gen_config if gen_config is not None else GenerationConfig()] * len(batch)
         else:
             params = list(gen_config)
             if len(params) != len(batch):
@@ -183,8 +180,12 @@ class Pipeline:
                     f"for all or one per prompt"
                 )
         ids = {f"pipeline-{next(self._ids)}": i for i in range(len(batch))}
+        prompts = [
+            engine.chat_prompt(cast(Sequence[Message], p)) if _is_conversation(p) else p
+            for p in batch
+        ]
         for (rid, i), p in zip(ids.items(), params, strict=True):
-            engine.add_request(rid, batch[i], p)
+            engine.add_request(rid, cast("str | list[int]", prompts[i]), p)
         pending = set(ids)
         seen_text: dict[str, int] = dict.fromkeys(ids, 0)
         seen_tokens: dict[str, int] = dict.fromkeys(ids, 0)
@@ -196,22 +197,13 @@ class Pipeline:
                         continue
                     if out.finish_reason == "error":
                         raise ValueError(f"prompt {ids[rid]}: {out.error}")
-                    text = out.text[seen_text[rid] :]
-                    toks = out.token_ids[seen_tokens[rid] :]
+                    text, first = out.text[seen_text[rid] :], seen_tokens[rid]
                     seen_text[rid], seen_tokens[rid] = len(out.text), len(out.token_ids)
                     if out.finished:
                         pending.discard(rid)
-                    elif not text and not toks:
+                    elif not text and len(out.token_ids) == first:
                         continue
-                    delta = Response(
-                        text=text,
-                        input_token_len=len(out.prompt_token_ids),
-                        generate_token_len=len(out.token_ids),
-                        cached_tokens=out.num_cached_tokens,
-                        finish_reason=out.finish_reason if out.finished else None,
-                        token_ids=list(toks),
-                        index=ids[rid],
-                    )
+                    delta = _response(out, ids[rid], text, first)
                     yield delta, (out if out.finished else None)
         finally:
             if pending:
@@ -244,15 +236,17 @@ class Pipeline:
         self.close()
 
 
-def _final_response(out: RequestOutput, index: int) -> Response:
+def _response(out: RequestOutput, index: int, text: str, first: int) -> Response:
+    """The response for ``out`` from generated token ``first`` on, with ``text``."""
     return Response(
-        text=out.text,
+        text=text,
         input_token_len=len(out.prompt_token_ids),
         generate_token_len=len(out.token_ids),
         cached_tokens=out.num_cached_tokens,
-        finish_reason=out.finish_reason,
-        token_ids=list(out.token_ids),
+        finish_reason=out.finish_reason if out.finished else None,
+        token_ids=list(out.token_ids[first:]),
         index=index,
+        logprobs=None if out.logprobs is None else list(out.logprobs[first:]),
     )
 
 

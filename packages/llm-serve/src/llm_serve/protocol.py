@@ -34,11 +34,13 @@ __all__ = [
     "CompletionResponse",
     "CompletionStreamResponse",
     "DeltaMessage",
+    "DetokenizeRequest",
     "ErrorBody",
     "ErrorResponse",
     "ModelCard",
     "ModelList",
     "PromptTokensDetails",
+    "TokenizeRequest",
     "UsageInfo",
     "parse_request",
     "unsupported_fields",
@@ -134,6 +136,22 @@ class ChatMessage(_Request):
     tool_call_id: str | None = None
 
 
+class _ChatTemplateFields(_Request):
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_options(self) -> dict[str, Any]:
+        """``LLMEngine.chat_prompt`` keywords: the generation prompt is added unless the last
+        message is continued (or ``add_generation_prompt`` says otherwise)."""
+        agp = self.add_generation_prompt
+        return {
+            "add_generation_prompt": not self.continue_final_message if agp is None else agp,
+            "continue_final_message": bool(self.continue_final_message),
+            "chat_template_kwargs": self.chat_template_kwargs,
+        }
+
+
 class _SamplingFields(_Request):
     """Fields shared by both endpoints; each maps onto ``SamplingParams`` (see sampling.py)."""
 
@@ -156,6 +174,10 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     cache_salt: str | None = None
+    min_tokens: int | None = Field(default=None, ge=0)
+    priority: int | None = None
+    skip_special_tokens: bool | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class CompletionRequest(_SamplingFields):
@@ -168,13 +190,29 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = Field(default=None, ge=1)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+class TokenizeRequest(_ChatTemplateFields):
+    """``POST /tokenize``: a ``prompt``, or chat ``messages`` put through the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+
+
+class DetokenizeRequest(_Request):
+    """``POST /detokenize``."""
+
+    model: str | None = None
+    tokens: list[int]
 
 
 # Documented defaults of OpenAI fields we do not implement: sending them is not using them.
@@ -184,11 +222,13 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "parallel_tool_calls": (True,),
     "store": (False,),
     "logit_bias": ({},),
+    "echo": (False,),
+    "use_beam_search": (False,),
 }
 
 
 def _is_empty(value: Any) -> bool:
-    return value is None or value == "" or value == [] or value == {} or value is False
+    return value is None or value in ("", [], {})
 
 
 def unsupported_fields(obj: BaseModel, prefix: str = "") -> list[str]:
@@ -234,11 +274,22 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's entry of ``prompt_logprobs`` (one dict per prompt position, keyed by token id)."""
+
+    logprob: float
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -250,13 +301,8 @@ class CompletionResponse(BaseModel):
     usage: UsageInfo
 
 
-class CompletionStreamResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
+class CompletionStreamResponse(CompletionResponse):
+    usage: UsageInfo | None = None  # type: ignore[assignment]
 
 
 class TopLogprob(BaseModel):
@@ -292,6 +338,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(BaseModel):

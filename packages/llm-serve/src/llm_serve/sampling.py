@@ -1,55 +1,37 @@
-"""From OpenAI request fields to ``SamplingParams``, by what the engine actually supports.
+"""From OpenAI request fields to ``SamplingParams``.
 
-Every sampling field of the API is mapped onto the ``SamplingParams`` field of the same meaning.
-Whether the engine supports a field is read from ``dataclasses.fields(SamplingParams)`` at call
-time, so a field the engine gains later starts working with no change here. A field the engine
-lacks is accepted only at its neutral value (the value that changes nothing); anything else is
-answered 400 "not supported", never silently ignored.
+Every sampling field of the API maps onto the ``SamplingParams`` field of the same meaning;
+``SamplingParams`` validates the values (a bad one is a 400 naming it).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from paged_engine import LLMEngine, SamplingParams
+from paged_engine import ParamError, SamplingParams
 
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
 
-__all__ = [
-    "NEUTRAL_VALUES",
-    "engine_accepts",
-    "request_sampling_values",
-    "sampling_params",
-    "supported_sampling_fields",
+__all__ = ["request_sampling_values", "sampling_params"]
+
+# Request fields that are ``SamplingParams`` fields of the same name and meaning.
+_SAME_NAMES = [
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "ignore_eos",
+    "include_stop_str_in_output",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "stop_token_ids",
+    "min_tokens",
+    "skip_special_tokens",
+    "prompt_logprobs",
 ]
-
-# SamplingParams field -> values that mean "off" (sent by clients that fill in defaults).
-NEUTRAL_VALUES: Mapping[str, tuple[Any, ...]] = {
-    "top_p": (1.0,),
-    "top_k": (-1, 0),
-    "min_p": (0.0,),
-    "presence_penalty": (0.0,),
-    "frequency_penalty": (0.0,),
-    "repetition_penalty": (1.0,),
-    "stop": ([], ""),
-    "stop_token_ids": ([],),
-    "logprobs": (),
-    "ignore_eos": (False,),
-    "include_stop_str_in_output": (False,),
-}
-
-
-def supported_sampling_fields() -> frozenset[str]:
-    """Names of the fields ``SamplingParams`` has today."""
-    return frozenset(f.name for f in dataclasses.fields(SamplingParams))
-
-
-def engine_accepts(keyword: str) -> bool:
-    """Whether ``LLMEngine.add_request`` takes ``keyword`` (e.g. ``cache_salt``)."""
-    return keyword in inspect.signature(LLMEngine.add_request).parameters
 
 
 def request_sampling_values(
@@ -67,19 +49,7 @@ def request_sampling_values(
         put("max_tokens", "max_completion_tokens", req.max_completion_tokens)
     else:
         put("max_tokens", "max_tokens", req.max_tokens)
-    for name in (
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "seed",
-        "ignore_eos",
-        "include_stop_str_in_output",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-        "stop_token_ids",
-    ):
+    for name in _SAME_NAMES:
         put(name, name, getattr(req, name))
     stop = req.stop
     if isinstance(stop, str):
@@ -99,24 +69,13 @@ def sampling_params(
     values: Mapping[str, tuple[str, Any]], defaults: Mapping[str, Any] | None = None
 ) -> SamplingParams:
     """Build ``SamplingParams`` from ``request_sampling_values`` output plus ``defaults`` (used
-    for fields the request leaves unset). Raises ``APIError(400)`` for a field the engine does not
-    support set to a non-neutral value, or a value ``SamplingParams`` rejects."""
-    supported = supported_sampling_fields()
-    kwargs: dict[str, Any] = {}
-    for param, value in (defaults or {}).items():
-        if param in supported:
-            kwargs[param] = value
-    for param, (name, value) in values.items():
-        if param in supported:
-            kwargs[param] = value
-        elif not any(value == v for v in NEUTRAL_VALUES.get(param, ())):
-            raise APIError(
-                400,
-                f"'{name}' is not supported by this server's engine yet; leave it unset",
-                param=name,
-                code="unsupported_parameter",
-            )
+    for fields the request leaves unset). Raises ``APIError(400)`` for a value
+    ``SamplingParams`` rejects."""
+    kwargs = {**(defaults or {}), **{param: value for param, (_, value) in values.items()}}
     try:
         return SamplingParams(**kwargs)
+    except ParamError as exc:  # named by the request's own field name
+        name = values.get(exc.param, (exc.param,))[0]
+        raise APIError(400, str(exc), param=name, code="invalid_value") from None
     except (TypeError, ValueError) as exc:
         raise APIError(400, str(exc), code="invalid_value") from None

@@ -24,11 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from paged_engine import EngineConfig, LLMEngine
 
 from .async_engine import AsyncEngine
-from .metrics import ServerMetrics, cache_router, log_stats_forever, metrics_router
+from .cache_routes import cache_router
+from .metrics import ServerMetrics, log_stats_forever, metrics_router
 from .openai_api import openai_router
 from .protocol import APIError
 from .state import ServerSettings, ServerState, get_state, served_model_name
 from .tenancy import RequestGuard
+from .tokenize_routes import tokenize_router
 
 __all__ = ["GracefulServer", "build_app", "health_router", "run_server"]
 
@@ -157,6 +159,7 @@ def build_app(
     app.include_router(openai_router())
     app.include_router(metrics_router())
     app.include_router(cache_router())
+    app.include_router(tokenize_router())
     app.add_middleware(
         RequestGuard,
         api_keys=settings.api_keys,

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
+from paged_engine.model_loader import is_hub_id
+
 from .async_engine import AsyncEngine
 from .protocol import APIError
 from .tenancy import TENANT_SCOPE_KEY, validate_api_key
@@ -35,7 +37,8 @@ def served_model_name(spec: str) -> str:
     """The model id clients use when ``--served-model-name`` is not given.
 
     ``default`` stays ``default``; a directory gives its name, a ``.gguf`` file its stem;
-    ``dummy:<preset>`` stays as is and ``dummy:<dir>/config.json`` becomes ``dummy:<dir>``.
+    ``dummy:<preset>`` stays as is and ``dummy:<dir>/config.json`` becomes ``dummy:<dir>``; a
+    Hugging Face Hub id stays as is (as vLLM names it).
     """
     if spec.startswith("dummy:"):
         shape = spec[len("dummy:") :].split(",", 1)[0]
@@ -46,7 +49,7 @@ def served_model_name(spec: str) -> str:
             )
             return f"dummy:{name}"
         return f"dummy:{shape}"
-    if spec == "default":
+    if spec == "default" or is_hub_id(spec):
         return spec
     path = Path(spec.rstrip("/\\"))
     if path.suffix == ".gguf":

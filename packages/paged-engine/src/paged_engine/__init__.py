@@ -9,7 +9,7 @@ Offline::
 
 from .block_pool import BlockPool
 from .config import EngineConfig
-from .llm_engine import EngineFailedError, LLMEngine
+from .llm_engine import EngineFailedError, LLMEngine, PromptTooLongError
 from .model_loader import DUMMY_PRESETS
 from .outputs import EngineStats, RequestOutput
 from .sampling_params import ParamError, SamplingParams
@@ -26,6 +26,7 @@ __all__ = [
     "EngineStats",
     "LLMEngine",
     "ParamError",
+    "PromptTooLongError",
     "RequestOutput",
     "SamplingParams",
 ]

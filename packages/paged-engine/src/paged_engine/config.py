@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import InitVar, dataclass
+from typing import Any
 
 import torch
 
 __all__ = [
+    "DTYPES",
+    "EVICTION_POLICIES",
+    "LMDEPLOY_ENGINE_NAMES",
+    "QUANT_POLICIES",
+    "WEIGHT_QUANT_CHOICES",
     "EngineConfig",
     "available_host_memory",
     "cpu_has_native_bf16",
     "cpu_weight_quant_kernels",
     "free_device_memory",
+    "resolve_aliases",
 ]
 
-_DTYPES: dict[str, torch.dtype] = {
+DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float": torch.float32,
     "fp32": torch.float32,
@@ -39,6 +47,31 @@ CPU_CACHE_FRACTION = 0.5
 CPU_CACHE_CAP_BYTES = 4 << 30
 EVICTION_POLICIES = ("lru", "lfu", "hybrid")
 WEIGHT_QUANT_CHOICES = ("auto", "int8", "int4")
+QUANT_POLICIES = (0, 8, 4)  # bits of the stored K/V: 0 = unquantized
+# LMDeploy's engine-config names (TurbomindEngineConfig / PytorchEngineConfig) -> ours.
+LMDEPLOY_ENGINE_NAMES: Mapping[str, str] = {
+    "cache_max_entry_count": "cache_size_limit",
+    "session_len": "max_model_len",
+    "max_prefill_token_num": "max_num_batched_tokens",
+}
+
+
+def resolve_aliases(
+    values: Mapping[str, Any], aliases: Mapping[str, str], owner: str
+) -> dict[str, Any]:
+    """``values`` with every alias (a key of ``aliases``) renamed to the name it stands for.
+    Raises ValueError when an alias and its name are both given with different values."""
+    out = dict(values)
+    for alias, name in aliases.items():
+        if alias in out:
+            value = out.pop(alias)
+            if name in out and out[name] != value:
+                raise ValueError(
+                    f"{owner}: {alias}={value!r} and {name}={out[name]!r} are the same setting "
+                    f"under two names; give one of them"
+                )
+            out[name] = value
+    return out
 
 
 @dataclass
@@ -69,6 +102,11 @@ class EngineConfig:
     past the in-memory cache, also after a restart. ``kv_disk_size_limit`` (bytes, None = no
     limit) bounds the directory's blocks (least recently used go first); ``cache_ttl`` applies
     to stored blocks too.
+
+    ``revision`` (a branch, tag or commit) picks the snapshot of a Hugging Face Hub ``model``
+    id. LMDeploy's ``cache_max_entry_count``, ``session_len`` and ``max_prefill_token_num`` are
+    accepted for ``cache_size_limit``, ``max_model_len`` and ``max_num_batched_tokens``, and
+    ``tp`` (tensor parallelism) only as 1.
     """
 
     model: str = "default"
@@ -89,12 +127,40 @@ class EngineConfig:
     weight_quant: str | None = "auto"
     kv_disk_dir: str | None = None
     kv_disk_size_limit: int | None = None
+    revision: str | None = None
+    # LMDeploy's names, accepted for the fields in ``LMDEPLOY_ENGINE_NAMES`` (not stored).
+    cache_max_entry_count: InitVar[float | None] = None
+    session_len: InitVar[int | None] = None
+    max_prefill_token_num: InitVar[int | None] = None
+    tp: InitVar[int | None] = None  # tensor parallelism: one device, so only 1
 
-    def __post_init__(self) -> None:
+    def __post_init__(
+        self,
+        cache_max_entry_count: float | None,
+        session_len: int | None,
+        max_prefill_token_num: int | None,
+        tp: int | None,
+    ) -> None:
+        if tp not in (None, 1) or isinstance(tp, bool):
+            raise ValueError(f"EngineConfig: tp={tp!r}: the engine runs on one device; use tp=1")
+        given = {
+            "cache_max_entry_count": cache_max_entry_count,
+            "session_len": session_len,
+            "max_prefill_token_num": max_prefill_token_num,
+            **{name: getattr(self, name) for name in LMDEPLOY_ENGINE_NAMES.values()},
+        }
+        given = {k: v for k, v in given.items() if v is not None}
+        for name, value in resolve_aliases(given, LMDEPLOY_ENGINE_NAMES, "EngineConfig").items():
+            setattr(self, name, value)
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(
                 "EngineConfig.model must be a non-empty string: 'default', a model directory, "
                 "a .gguf file or 'dummy:<preset|config.json>'"
+            )
+        if self.revision is not None and (not isinstance(self.revision, str) or not self.revision):
+            raise ValueError(
+                f"EngineConfig.revision is a branch, tag or commit of a Hugging Face Hub model "
+                f"and must be a non-empty string or None, got {self.revision!r}"
             )
         self._check_device()
         self._check_dtype()
@@ -109,7 +175,7 @@ class EngineConfig:
                 f"EngineConfig.block_size must be a power of two (the attention kernels tile by it), "
                 f"got {self.block_size}; 16 is the default"
             )
-        if self.quant_policy not in (0, 4, 8) or isinstance(self.quant_policy, bool):
+        if self.quant_policy not in QUANT_POLICIES or isinstance(self.quant_policy, bool):
             raise ValueError(
                 f"EngineConfig.quant_policy must be 0 (no KV quantization), 8 (int8) or 4 (int4), "
                 f"got {self.quant_policy!r}"
@@ -202,9 +268,9 @@ class EngineConfig:
 
     def _check_dtype(self) -> None:
         if isinstance(self.dtype, torch.dtype):
-            ok = self.dtype in _DTYPES.values()
+            ok = self.dtype in DTYPES.values()
         else:
-            ok = self.dtype == "auto" or self.dtype in _DTYPES
+            ok = self.dtype == "auto" or self.dtype in DTYPES
         if not ok:
             raise ValueError(
                 f"EngineConfig.dtype must be 'auto', 'float32', 'float16' or 'bfloat16', "
@@ -229,7 +295,7 @@ class EngineConfig:
         if self.dtype == "auto":
             native = self.torch_device().type == "cuda" or cpu_has_native_bf16()
             return torch.bfloat16 if native else torch.float32
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
     def resolved_weight_quant(self, native_4bit: bool) -> str | None:
         """The weight format to run (None: as loaded). ``native_4bit``: the model file's linear
@@ -285,7 +351,10 @@ class EngineConfig:
         return int(min(available_host_memory() * frac, CPU_CACHE_CAP_BYTES))
 
     def replace(self, **changes: object) -> EngineConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again); LMDeploy's names are accepted."""
+        for alias, name in LMDEPLOY_ENGINE_NAMES.items():
+            if alias in changes:
+                changes.setdefault(name, None)  # the alias replaces the field's old value
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 

@@ -21,7 +21,8 @@ class IncrementalDetokenizer:
     tokens yields the new text; text is held back while it ends in U+FFFD (an incomplete UTF-8
     sequence split across tokens, e.g. byte-fallback tokens of an emoji), and the window starts
     a few tokens back so tokenizers that treat a leading token specially (a leading space) see
-    context. Special tokens are skipped.
+    context. Special tokens are skipped unless ``skip_special_tokens`` is False. Stop strings
+    end the text only from the ``min_tokens``-th appended token on.
 
     Contract for ``text`` (what a caller may show): it only ever grows by appending, so a
     streaming caller can send ``text[len(previous):]``; ``append`` returns exactly that
@@ -42,8 +43,12 @@ class IncrementalDetokenizer:
         prompt_token_ids: list[int],
         stop: Sequence[str] = (),
         include_stop: bool = False,
+        skip_special_tokens: bool = True,
+        min_tokens: int = 0,
     ) -> None:
         self._tok = tokenizer
+        self._skip_special = skip_special_tokens
+        self._stop_after = min_tokens  # tokens appended before a stop string may end the text
         self._ids: list[int] = list(prompt_token_ids[-self._CONTEXT :])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -59,6 +64,7 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self._ids.append(token_id)
+        self._stop_after -= 1
         if self._tok is None:
             return ""
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
@@ -77,7 +83,7 @@ class IncrementalDetokenizer:
             self._read_offset -= drop
         if not self._stops:
             return self._release(len(self._decoded))
-        hit = find_stop(self._decoded, self._stops, checked)
+        hit = find_stop(self._decoded, self._stops, checked) if self._stop_after <= 0 else None
         if hit is not None:
             begin, end = hit
             self.stopped = True
@@ -99,7 +105,7 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         assert self._tok is not None
-        return self._tok.decode(ids, skip_special_tokens=True)
+        return self._tok.decode(ids, skip_special_tokens=self._skip_special)
 
     def _release(self, upto: int) -> str:
         """Grow ``text`` to ``_decoded[:upto]`` (never shrink it); return the growth."""

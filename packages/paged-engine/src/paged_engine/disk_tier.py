@@ -238,7 +238,7 @@ class DiskTier:
         """For each of ``seqs`` (waiting requests, best first), load the blocks of its prompt
         that continue the in-memory cache from the store into the pool and publish them; stops
         when the pool has no room left. Returns the tokens loaded."""
-        if pool.index is None:
+        if not pool.caching:
             return 0
         start = time.perf_counter()
         room = pool.num_available()
@@ -257,18 +257,17 @@ class DiskTier:
         return loaded
 
     def _load_one(self, pool: BlockPool, seq: EngineSequence, room: int) -> int:
-        assert pool.index is not None
         bs = pool.block_size
         hashes = seq.hashes_for((len(seq) - 1) // bs, bs)
         ns = seq.cache_salt
         if not hashes:
             return 0
-        prefix = pool.index.lookup(seq.token_ids[: len(hashes) * bs], ns, hashes).handles
+        prefix = pool.cached_blocks(seq.token_ids, ns, hashes)
         m = len(prefix)
         stored = self.store.match(ns, hashes[m:])
         if stored <= 0:
             return 0
-        pool.acquire(prefix)  # pinned: allocation below must not evict what we extend
+        pool.pin(prefix)  # allocation below must not evict what we extend
         chain = list(prefix)
         try:
             payloads: list[memoryview] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -27,7 +27,14 @@ from .scheduler import ScheduledSequence, Scheduler
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 
-__all__ = ["MAX_CONSECUTIVE_FORWARD_FAILURES", "EngineFailedError", "LLMEngine", "Prompt"]
+__all__ = [
+    "MAX_CONSECUTIVE_FORWARD_FAILURES",
+    "EngineFailedError",
+    "LLMEngine",
+    "Prompt",
+    "PromptTooLongError",
+    "as_batch",
+]
 
 Prompt = str | list[int]
 
@@ -36,6 +43,10 @@ logger = logging.getLogger(__name__)
 # After this many failed forward passes in a row the engine gives up (a broken device or model,
 # not one bad request) and ``step`` raises ``EngineFailedError``.
 MAX_CONSECUTIVE_FORWARD_FAILURES = 3
+
+
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room for a generated token, or can never fit the KV pool."""
 
 
 class EngineFailedError(RuntimeError):
@@ -64,7 +75,7 @@ class LLMEngine:
         self.config = config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
-        source = resolve_model(config.model)
+        source = resolve_model(config.model, config.revision)
         self.max_model_len = config.resolved_max_model_len(source.config.max_len)
         # The weight format that runs (None: as loaded); see EngineConfig.weight_quant.
         self.weight_quant = config.resolved_weight_quant(source.native_4bit)
@@ -179,8 +190,12 @@ class LLMEngine:
         param: str | None = None
         generator: torch.Generator | None = None
         try:
-            token_ids = self._tokenize(prompt)
-            self._validate(token_ids, params)
+            if not isinstance(params, SamplingParams):
+                raise ValueError(
+                    f"sampling params must be SamplingParams, got {type(params).__name__}"
+                )
+            params.validate()
+            token_ids = self.check_prompt(prompt)
             generator = self.sampler.request_generator(params)
         except (ValueError, TypeError, OverflowError) as exc:
             error = str(exc)
@@ -189,11 +204,15 @@ class LLMEngine:
             request_id,
             token_ids,
             params,
-            IncrementalDetokenizer(
+            IncrementalDetokenizer(self.tokenizer, token_ids)
+            if error is not None
+            else IncrementalDetokenizer(
                 self.tokenizer,
                 token_ids,
-                params.stop_strings if error is None else (),
-                error is None and params.include_stop_str_in_output,
+                params.stop_strings,
+                params.include_stop_str_in_output,
+                params.skip_special_tokens,
+                params.min_tokens,
             ),
             arrival_time,
             cache_salt,
@@ -208,21 +227,22 @@ class LLMEngine:
         self._prompt_tokens += len(token_ids)
         self.scheduler.add(seq)
 
-    def _tokenize(self, prompt: Prompt) -> list[int]:
+    def check_prompt(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids (a string is tokenized), checked as ``add_request`` would.
+
+        Raises ValueError for a prompt that is not a string or a list of ints, is empty, has ids
+        outside the vocabulary, and ``PromptTooLongError`` (a ValueError) for one that leaves no
+        room for a generated token (``max_model_len``) or can never fit the KV pool."""
         if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
-        if isinstance(prompt, (list, tuple)):
+            token_ids = list(self.tokenizer.encode(prompt))
+        elif isinstance(prompt, (list, tuple)):
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 raise ValueError("a token-id prompt must be a list of ints")
-            return list(prompt)
-        raise ValueError(
-            f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}"
-        )
-
-    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        params.validate()
+            token_ids = list(prompt)
+        else:
+            raise ValueError(
+                f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}"
+            )
         if not token_ids:
             raise ValueError("the prompt is empty: at least one token is needed")
         vocab = self.model_config.vocab_size
@@ -231,16 +251,53 @@ class LLMEngine:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         n = len(token_ids)
         if n >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {n} tokens but max_model_len is {self.max_model_len}: at most "
-                f"{self.max_model_len - 1} prompt tokens leave room for one generated token"
+            raise PromptTooLongError(
+                f"the prompt is too long: it has {n} tokens but max_model_len is "
+                f"{self.max_model_len}; at most {self.max_model_len - 1} prompt tokens leave "
+                f"room for one generated token"
             )
         if n >= self.max_seq_len:
-            raise ValueError(
-                f"the prompt has {n} tokens but the KV cache holds only {self.max_seq_len} tokens "
-                f"({self.block_pool.num_blocks} blocks of {self.config.block_size}), so it can never "
-                f"fit; raise num_blocks or cache_size_limit"
+            raise PromptTooLongError(
+                f"the prompt is too long: it has {n} tokens but the KV cache holds only "
+                f"{self.max_seq_len} tokens ({self.block_pool.num_blocks} blocks of "
+                f"{self.config.block_size}), so it can never fit; raise num_blocks or "
+                f"cache_size_limit"
             )
+        return token_ids
+
+    def chat_prompt(
+        self,
+        messages: Seq[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        """The token ids of ``messages`` (``{"role", "content", ...}`` dicts) under the model's
+        chat template: ready for the assistant's reply (``add_generation_prompt``), or leaving
+        the last message open for the model to continue (``continue_final_message``).
+        ``chat_template_kwargs`` go to the template (e.g. ``enable_thinking``). Raises
+        ValueError when the template cannot format the messages."""
+        if add_generation_prompt and continue_final_message:
+            raise ValueError(
+                "continue_final_message continues the last message, so add_generation_prompt "
+                "must be false with it"
+            )
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [dict(m) for m in messages],
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **dict(chat_template_kwargs or {}),
+            )
+        except Exception as exc:  # templates raise anything (jinja errors, their own checks)
+            raise ValueError(
+                f"this model's chat template cannot format these messages: {exc}"
+            ) from None
+        if not isinstance(text, str):
+            raise ValueError(f"the chat template returned {type(text).__name__}, not text")
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks; its final output (``abort``) comes with the next
@@ -279,9 +336,7 @@ class LLMEngine:
         self._take_prompt_logits(scheduled, logits.prompt)
         sampling = [s.seq for s in scheduled if s.completes]
         sampled = self._sample(sampling, logits.sample)
-        for s in scheduled:
-            s.seq.num_computed_tokens += s.num_tokens
-            self._publish(s.seq)
+        self.scheduler.computed(scheduled)
         for seq, result in zip(sampling, sampled, strict=True):
             outputs.append(self._postprocess(seq, result))
         return outputs
@@ -346,6 +401,7 @@ class LLMEngine:
             [self._generators.get(s.request_id) for s in seqs],
             [s.prompt_token_ids for s in seqs],
             [s.output_token_ids for s in seqs],
+            [self._suppressed(s) for s in seqs],
         )
         return list(zip(out.token_ids, out.logprobs, strict=True))
 
@@ -365,10 +421,6 @@ class LLMEngine:
             seq.append_token(
                 token, logprobs, detokenize=seq.params.include_stop_str_in_output or not stop_token
             )
-            if seq.prompt_logprobs is not None:
-                # Prompt positions reused from the prefix cache produced no logits: None.
-                missing = seq.num_prompt_tokens - len(seq.prompt_logprobs)
-                seq.prompt_logprobs.extend([None] * missing)
             self._generation_tokens += 1
             reason = self._stop_reason(seq, token, stop_token)
             if reason is not None:
@@ -392,16 +444,6 @@ class LLMEngine:
         self._finish(seq, "error", error)
         return seq.to_output()
 
-    def _publish(self, seq: Sequence) -> None:
-        """Offer the sequence's newly completed full blocks to the prefix cache."""
-        bs = self.config.block_size
-        full = seq.num_computed_tokens // bs
-        if self.block_pool.index is None or full <= seq.num_published_blocks:
-            return
-        hashes = seq.hashes_for(full, bs)
-        seq.block_ids = self.block_pool.publish(seq.block_ids, seq.token_ids, seq.cache_salt, hashes)
-        seq.num_published_blocks = full
-
     def reset_prefix_cache(self, cache_salt: bytes | None = None) -> int:
         """Drop every cached block nobody is using, of one namespace or (None) all, in memory
         and on disk; returns how many blocks were freed in memory. Blocks of running requests
@@ -416,10 +458,9 @@ class LLMEngine:
         already on disk are not). Raises ValueError when the disk tier is off."""
         if self.disk_tier is None:
             raise ValueError("the disk tier is off: set EngineConfig.kv_disk_dir to persist")
-        assert self.block_pool.index is not None
         # Children before parents, as eviction spills them: under the disk's size limit a
         # chain then loses its tail first, and its head stays usable.
-        blocks = self.block_pool.index.blocks(cache_salt)[::-1]
+        blocks = self.block_pool.cached_chain(cache_salt)[::-1]
         n = self.disk_tier.spill(blocks, wait=True)
         self.disk_tier.flush()
         return n
@@ -454,10 +495,22 @@ class LLMEngine:
             seq.num_prompt_logits = end
 
     def _is_stop_token(self, seq: Sequence, token: int) -> bool:
-        p = seq.params
-        return (not p.ignore_eos and token in self.eos_token_ids) or token in (
-            p.stop_token_ids or ()
+        """Whether ``token``, sampled next for ``seq``, ends it (never before ``min_tokens``)."""
+        return (
+            token in self._stop_token_ids(seq)
+            and len(seq.output_token_ids) >= seq.params.min_tokens
         )
+
+    def _stop_token_ids(self, seq: Sequence) -> set[int]:
+        p = seq.params
+        return set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(self.eos_token_ids))
+
+    def _suppressed(self, seq: Sequence) -> list[int]:
+        """Tokens the sampler must not pick for ``seq`` now: its stop tokens until
+        ``min_tokens`` tokens are out."""
+        if len(seq.output_token_ids) >= seq.params.min_tokens:
+            return []
+        return sorted(self._stop_token_ids(seq))
 
     def _stop_reason(self, seq: Sequence, token: int, stop_token: bool) -> FinishReason | None:
         """Why ``seq`` ends after ``token`` (None: it goes on); records ``seq.stop_reason``.
@@ -487,7 +540,7 @@ class LLMEngine:
         final outputs in input order. ``sampling_params`` is one object for all or one per
         prompt. Other requests already in the engine keep running alongside, but their outputs
         from the steps run here are not returned."""
-        batch = _as_batch(prompts)
+        batch = as_batch(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or SamplingParams()] * len(batch)
         else:
@@ -583,7 +636,8 @@ class LLMEngine:
         self.block_pool.check_invariants(s.block_ids for s in live)
 
 
-def _as_batch(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
+def as_batch(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
+    """One prompt (a string or a list of token ids) as a batch of one; a batch as a list."""
     if isinstance(prompts, str):
         return [prompts]
     items = list(prompts)

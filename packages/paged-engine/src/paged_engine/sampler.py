@@ -69,11 +69,13 @@ class Sampler:
         generators: Seq[torch.Generator | None],
         prompt_token_ids: Seq[Seq[int]] | None = None,
         output_token_ids: Seq[Seq[int]] | None = None,
+        suppressed: Seq[Seq[int]] | None = None,
     ) -> SamplerOutput:
         """Sample one token per row of ``logits`` ``[B, V]``.
 
         ``prompt_token_ids`` / ``output_token_ids`` (one list per row) are needed only when some
-        row has penalties; ``logits`` is not modified.
+        row has penalties; ``suppressed[i]`` are token ids row i must not pick (``min_tokens``);
+        ``logits`` is not modified.
         """
         raw = logits.float()
         work = raw
@@ -91,6 +93,11 @@ class Sampler:
                 _column(params, pen_rows, "frequency_penalty", raw.device),
             )
             work = raw.index_copy(0, rows, penalized)
+        if suppressed is not None and any(suppressed):
+            work = work.clone()
+            for i, ids in enumerate(suppressed):
+                ids = [t for t in ids if t < work.shape[1]]
+                work[i, ids] = float("-inf")
         out = work.argmax(dim=-1)
 
         random_rows = [i for i, p in enumerate(params) if not p.greedy]

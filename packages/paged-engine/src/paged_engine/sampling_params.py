@@ -80,6 +80,8 @@ class SamplingParams:
       end of the text could still become a stop string, that part is held back from
       ``RequestOutput.text``, so streamed text never has to be retracted.
     - ``max_tokens`` (in [1, 2**31 - 1]); generation also stops at the engine's ``max_model_len``.
+    - ``min_tokens`` (in [0, ``max_tokens``]): until that many tokens are generated, end of
+      sequence and stop tokens are never sampled and stop strings do not end generation.
 
     Reporting:
 
@@ -87,6 +89,7 @@ class SamplingParams:
       the sampled token and of the n most likely tokens.
     - ``prompt_logprobs``: the same for every prompt token after the first (the first has no
       context to be predicted from).
+    - ``skip_special_tokens`` (True): leave special tokens (e.g. ``<|im_end|>``) out of the text.
 
     Log-probabilities are those of the model's raw distribution (log-softmax of its logits,
     before penalties, temperature and filters), as vLLM reports by default.
@@ -108,6 +111,8 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
     logprobs: int | None = None
     prompt_logprobs: int | None = None
 
@@ -191,7 +196,13 @@ class SamplingParams:
                 f"stop_token_ids holds {len(self.stop_token_ids)} ids; at most "
                 f"{MAX_STOP_TOKEN_IDS} are allowed"
             )
-        for name in ("include_stop_str_in_output", "ignore_eos"):
+        _check_int("min_tokens", self.min_tokens, 0, "an integer in [0, max_tokens]")
+        if self.min_tokens > self.max_tokens:
+            raise ParamError(
+                "min_tokens",
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+            )
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ParamError(name, f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("logprobs", "prompt_logprobs"):

@@ -140,7 +140,6 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         bs = self.pool.block_size
-        index = self.pool.index
         arrival = list(itertools.islice(self.waiting, self.ADMISSION_WINDOW))
         order = self._admission_order(arrival)
         inflight = self._inflight_hashes()
@@ -152,11 +151,9 @@ class Scheduler:
             reusable: list[bytes] = []
             # Prompt logprobs need the logits of every prompt position: such a request computes
             # its whole prompt (and still publishes its blocks for others).
-            if index is not None and not seq.needs_prompt_logits:
+            if self.pool.caching and not seq.needs_prompt_logits:
                 reusable = seq.hashes_for((len(seq) - 1) // bs, bs)
-                handles = index.lookup(
-                    seq.token_ids[: len(reusable) * bs], seq.cache_salt, reusable
-                ).handles
+                handles = self.pool.cached_blocks(seq.token_ids, seq.cache_salt, reusable)
                 if len(handles) < len(reusable) and reusable[len(handles)] in inflight:
                     continue  # a running sequence computes this block now: reuse it next step
             cached = len(handles) * bs
@@ -166,11 +163,7 @@ class Scheduler:
             pinned = sum(1 for h in handles if self.pool.ref_count(h) == 0)
             if need + pinned > self.pool.num_available():
                 break
-            if handles:
-                # Touch the reused blocks for the eviction policy (only those are walked).
-                self.pool.match(seq.token_ids[:cached], seq.cache_salt, reusable[: len(handles)])
-                self.pool.acquire(handles)
-            seq.block_ids = list(handles)
+            seq.block_ids = self.pool.reuse(seq.token_ids, seq.cache_salt, reusable[: len(handles)])
             seq.num_published_blocks = len(handles)
             seq.num_computed_tokens = cached
             if not seq.admitted:
@@ -198,8 +191,7 @@ class Scheduler:
         """Waiting sequences to try, best first: preempted and starving ones, then cache hits
         (cached fraction >= ``prefix_match_threshold``), then the rest; arrival order within
         each group, for the first ``ADMISSION_WINDOW`` waiting sequences (``window``)."""
-        index = self.pool.index
-        if index is None or self.prefix_match_threshold <= 0:
+        if not self.pool.caching or self.prefix_match_threshold <= 0:
             return window
         bs = self.pool.block_size
         ranks: dict[int, int] = {}
@@ -208,7 +200,7 @@ class Scheduler:
                 ranks[id(seq)] = 0
                 continue
             # By hash alone: a ranking heuristic, cheap for a long queue (reuse is verified).
-            cached = index.peek_hashes(seq.hashes_for((len(seq) - 1) // bs, bs), seq.cache_salt)
+            cached = self.pool.peek(seq.hashes_for((len(seq) - 1) // bs, bs), seq.cache_salt)
             ranks[id(seq)] = 1 if cached >= self.prefix_match_threshold * len(seq) else 2
         return sorted(window, key=lambda s: ranks[id(s)])  # stable: keeps arrival order
 
@@ -220,11 +212,26 @@ class Scheduler:
     def _inflight_hashes(self) -> set[bytes]:
         """Blocks that running prefills are computing and have not published yet."""
         out: set[bytes] = set()
-        if self.pool.index is not None:
+        if self.pool.caching:
             for seq in self.running:
                 if seq.num_computed_tokens < seq.num_prompt_tokens:
                     out.update(self._pending_hashes(seq))
         return out
+
+    def computed(self, scheduled: list[ScheduledSequence]) -> None:
+        """Record that a step computed the scheduled chunks, and offer each sequence's newly
+        completed full blocks to the prefix cache."""
+        bs = self.pool.block_size
+        for s in scheduled:
+            seq = s.seq
+            seq.num_computed_tokens += s.num_tokens
+            full = seq.num_computed_tokens // bs
+            if self.pool.caching and full > seq.num_published_blocks:
+                hashes = seq.hashes_for(full, bs)
+                seq.block_ids = self.pool.publish(
+                    seq.block_ids, seq.token_ids, seq.cache_salt, hashes
+                )
+                seq.num_published_blocks = full
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished (or aborted) sequence and release its blocks."""

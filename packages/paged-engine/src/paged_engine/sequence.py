@@ -117,6 +117,11 @@ class Sequence:
     ) -> None:
         """Add a generated token (its text unless ``detokenize`` is False: stop tokens are not
         shown) and, when the request asked for them, its logprobs."""
+        if self.prompt_logprobs is not None:
+            # Prompt positions reused from the prefix cache produced no logits: None.
+            self.prompt_logprobs.extend(
+                [None] * (self.num_prompt_tokens - len(self.prompt_logprobs))
+            )
         self.token_ids.append(token_id)
         self.output_token_ids.append(token_id)
         if detokenize:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["ByteTokenizer", "Tokenizer"]
@@ -18,6 +18,16 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+    def apply_chat_template(
+        self,
+        conversation: list[dict[str, Any]],
+        *,
+        tokenize: bool = ...,
+        add_generation_prompt: bool = ...,
+        continue_final_message: bool = ...,
+        **kwargs: Any,
+    ) -> Any: ...
 
     def __len__(self) -> int: ...
 
@@ -70,13 +80,18 @@ class ByteTokenizer:
 
     def apply_chat_template(
         self,
-        messages: Sequence[Mapping[str, Any]],
+        conversation: list[dict[str, Any]],
+        *,
         tokenize: bool = True,
         add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
         **_: Any,
     ) -> str | list[int]:
-        """A plain ``role: content`` transcript, one message per line."""
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-        if add_generation_prompt:
+        """A plain ``role: content`` transcript, one message per line; with
+        ``continue_final_message`` the last message is left open (no newline) to be continued."""
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in conversation)
+        if continue_final_message:
+            text = text[:-1]
+        elif add_generation_prompt:
             text += "assistant: "
         return self.encode(text) if tokenize else text
