@@ -103,7 +103,9 @@ def test_evicted_blocks_spill_and_come_back(model: str, tmp_path: Path) -> None:
     assert out.token_ids == ref.token_ids
     assert out.logprobs is not None and ref.logprobs is not None
     got = [v for d in out.logprobs for v in d.values()]
-    assert got == pytest.approx([v for d in ref.logprobs for v in d.values()], abs=1e-5)
+    # The cold run prefilled the prompt in one causal pass, this one only its last token over
+    # loaded K/V: the same values through differently shaped kernels.
+    assert got == pytest.approx([v for d in ref.logprobs for v in d.values()], abs=1e-4)
 
 
 def test_a_store_of_another_model_shape_is_ignored(model: str, tmp_path: Path) -> None:

@@ -33,7 +33,9 @@ class GroupPlan:
     slot 0; ``invalid``: flat indices into ``[bg * length]`` of padded keys (zeroed after the
     gather, so garbage in unused slots never reaches the output); ``mask``: ``[bg, max_q,
     length]`` bool, True where a query may attend to a key, or None when every query sees
-    every key (a single decode token over its whole sequence).
+    every key (a single decode token over its whole sequence) or when ``causal``: one
+    sequence whose queries are all its tokens (a fresh prefill), where the fused kernel's own
+    causal masking applies (and skips the masked half of the work).
     """
 
     tok: torch.Tensor
@@ -45,6 +47,7 @@ class GroupPlan:
     first_pos: int
     invalid: torch.Tensor | None
     mask: torch.Tensor | None
+    causal: bool = False
 
 
 @dataclass
@@ -169,7 +172,8 @@ def _plan_group(
     invalid_flat = (~kv_valid).reshape(-1).nonzero().squeeze(1)
     invalid = invalid_flat if invalid_flat.numel() else None
     mask: torch.Tensor | None = (pos[None, None, :] <= qpos[:, :, None]) & kv_valid[:, None, :]
-    if max_q == 1 and invalid is None:
+    causal = len(group) == 1 and q_lens[0] == s_lens[0] and max_q > 1
+    if (max_q == 1 and invalid is None) or causal:
         mask = None  # one query per sequence, at its last position: it sees every key
     return GroupPlan(
         tok=tok,
@@ -181,6 +185,7 @@ def _plan_group(
         first_pos=first_pos,
         invalid=invalid,
         mask=mask,
+        causal=causal,
     )
 
 

@@ -56,18 +56,25 @@ def gather_kv(
 
 
 def gather_slots(
-    cache: KVCache, layer: int, slots: torch.Tensor, which: str, buffer: str | None = None
+    cache: KVCache,
+    layer: int,
+    slots: torch.Tensor,
+    which: str,
+    buffer: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """De-quantized K or V (``which`` in ``"k"``, ``"v"``) of the cache slots ``slots[...]``
-    (int64), as float32 ``[*slots.shape, num_kv_heads, head_dim]`` in the cache's scratch
-    buffer ``buffer`` (default ``which``; valid until the next gather into it)."""
+    (int64), as ``dtype`` (float32, or the cache's own dtype for bits 0) ``[*slots.shape,
+    num_kv_heads, head_dim]`` in the cache's scratch buffer ``buffer`` (default ``which``;
+    valid until the next gather into it)."""
     data = cache.k[layer] if which == "k" else cache.v[layer]
     sz = cache.k_scale_zero[layer] if which == "k" else cache.v_scale_zero[layer]
     kvh = cache.num_kv_heads
     idx = slots.reshape(-1)
-    out = cache.scratch(buffer or which, (*slots.shape, kvh, cache.head_dim), torch.float32)
+    name = (buffer or which) + ("" if dtype == torch.float32 else f" {dtype}")  # no churn
+    out = cache.scratch(name, (*slots.shape, kvh, cache.head_dim), dtype)
     flat = data.view(-1, kvh, data.shape[-1])
-    if sz is None and data.dtype == torch.float32:
+    if sz is None and data.dtype == dtype:
         torch.index_select(flat, 0, idx, out=out.view(-1, kvh, cache.head_dim))
         return out
     codes = flat.index_select(0, idx).view(*slots.shape, kvh, data.shape[-1])
@@ -93,7 +100,7 @@ def attention_torch(
         raise ValueError(f"sum(query_lens) = {plan.num_tokens} but q has {q.shape[0]} tokens")
     if plan.in_order:
         group = plan.groups[0]
-        o = _attend_group(q, cache, layer, group, softmax_scale)
+        o = _attend_group(q, cache, layer, group, softmax_scale, in_order=True)
         return o.reshape(q.shape).to(q.dtype)
     out = torch.zeros_like(q)
     for group in plan.groups:
@@ -103,15 +110,29 @@ def attention_torch(
 
 
 def _attend_group(
-    q: torch.Tensor, cache: KVCache, layer: int, group: GroupPlan, softmax_scale: float
+    q: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    group: GroupPlan,
+    softmax_scale: float,
+    in_order: bool = False,
 ) -> torch.Tensor:
-    """Masked attention of one group: ``[bg, max_q, H, D]`` float32. One dense pass over each
+    """Masked attention of one group: ``[bg, max_q, H, D]``. One dense pass over each
     sequence's keys, or, when they all start with the same cached blocks, the shared part read
-    once for all of them."""
+    once for all of them. Math in float32, except that for decode rows an unquantized cache in
+    ``q``'s dtype feeds the fused kernel as it is (it accumulates in float32 itself)."""
     bg, max_q = group.tok.shape
-    qg = q.index_select(0, group.tok.reshape(-1)).view(bg, max_q, *q.shape[1:])
-    qg = qg.to(torch.float32)
-    kf, vf = _gather_own(cache, layer, group)
+    if in_order:  # the group's queries are q's rows in order
+        qg = q.reshape(bg, max_q, *q.shape[1:])
+    else:
+        qg = q.index_select(0, group.tok.reshape(-1)).view(bg, max_q, *q.shape[1:])
+    # Decode rows only: the fused kernel is slower in bfloat16 than in float32 on prefill
+    # chunks on CPU, where the conversion is cheap next to the work.
+    native = cache.bits == 0 and cache.dtype == q.dtype and max_q == 1
+    native = native and group.shared_slots is None
+    dtype = q.dtype if native else torch.float32
+    qg = qg.to(dtype)
+    kf, vf = _gather_own(cache, layer, group, dtype)
     if group.shared_slots is not None:
         return _attend_shared_prefix(qg, cache, layer, group, kf, vf, softmax_scale)
     # One fused kernel (scores, mask, softmax, weighted sum); K/V are read through strides.
@@ -121,19 +142,20 @@ def _attend_group(
         kf.transpose(1, 2),
         vf.transpose(1, 2),
         attn_mask=None if group.mask is None else group.mask[:, None],
+        is_causal=group.causal,
         scale=softmax_scale,
         enable_gqa=qg.shape[2] > cache.num_kv_heads,
     ).transpose(1, 2)
 
 
 def _gather_own(
-    cache: KVCache, layer: int, group: GroupPlan
+    cache: KVCache, layer: int, group: GroupPlan, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K, V ``[bg, L, kvh, D]`` of the group's own keys. Slots past a sequence's length may
     hold anything (even NaN): they are zeroed so that masked scores stay -inf and 0 * v
     stays 0."""
-    kf = gather_slots(cache, layer, group.slots, "k")
-    vf = gather_slots(cache, layer, group.slots, "v")
+    kf = gather_slots(cache, layer, group.slots, "k", dtype=dtype)
+    vf = gather_slots(cache, layer, group.slots, "v", dtype=dtype)
     if group.invalid is not None:
         kf.view(-1, *kf.shape[2:]).index_fill_(0, group.invalid, 0.0)
         vf.view(-1, *vf.shape[2:]).index_fill_(0, group.invalid, 0.0)

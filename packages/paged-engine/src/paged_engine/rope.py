@@ -131,7 +131,7 @@ class RotaryEmbedding(torch.nn.Module):
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` ``[T, 1, head_dim]`` in ``dtype`` for ``positions`` ``[T]``: looked
-        up once per step and shared by every layer (see :func:`apply_rotary`)."""
+        up once per step and shared by every layer (see :func:`rotate`)."""
         return (
             self.cos[positions].unsqueeze(1).to(dtype),
             self.sin[positions].unsqueeze(1).to(dtype),
@@ -141,14 +141,13 @@ class RotaryEmbedding(torch.nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.lookup(positions, q.dtype)
-        return apply_rotary(q, k, cos, sin)
+        return rotate(q, cos, sin), rotate(k, cos, sin)
 
 
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate ``q`` / ``k`` ``[T, heads, head_dim]`` by the ``(cos, sin)`` of their positions."""
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[T, heads, head_dim]`` by the ``(cos, sin)`` ``[T, 1, head_dim]`` of its
+    tokens' positions (from :meth:`RotaryEmbedding.lookup`)."""
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

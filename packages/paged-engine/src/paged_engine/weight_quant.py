@@ -136,10 +136,14 @@ class Int4Linear(nn.Module):
         """The float32 weight ``[N, K]`` the kernel multiplies by: ``(q - 8) * scale + zero``
         with the kernel's own (rounded) scale and zero point."""
         n, k = self.out_features, self.in_features
-        q = torch.stack([self.codes & 15, self.codes >> 4], dim=-1).view(n, k // INT4_GROUP, -1)
+        out = torch.empty(n, k // 2, 2, dtype=torch.float32, device=self.codes.device)
+        torch.bitwise_and(self.codes, 15, out=out[..., 0])
+        torch.bitwise_right_shift(self.codes, 4, out=out[..., 1])
         sz = self.scale_zero.to(torch.float32).transpose(0, 1)  # [N, K / 32, 2]
         scale, zero = sz[..., :1], sz[..., 1:]
-        return (q.to(torch.float32) - 8).mul_(scale).add_(zero).view(n, k)
+        groups = out.view(n, k // INT4_GROUP, INT4_GROUP)
+        # q * scale + (zero - 8 * scale) in one pass.
+        return torch.addcmul(zero - 8 * scale, groups, scale, out=groups).view(n, k)
 
 
 def quantize_linear(

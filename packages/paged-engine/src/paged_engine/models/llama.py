@@ -17,7 +17,7 @@ from torch import nn
 
 import kvquant
 
-from ..rope import RotaryEmbedding, apply_rotary
+from ..rope import RotaryEmbedding, rotate
 from .config import ModelConfig
 
 __all__ = ["AttentionMetadata", "LlamaForCausalLM"]
@@ -53,10 +53,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        # One fused op (it upcasts to float32 inside), not the six of the written-out form.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -88,20 +86,26 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         cache: kvquant.KVCache,
     ) -> torch.Tensor:
-        t = x.shape[0]
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        t, h, kvh, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        cos, sin = meta.rotary if meta.rotary is not None else rope.lookup(meta.positions, x.dtype)
+        if self.qkv_proj is not None and self.q_norm is None:
+            # q and k sit side by side in the fused output: rotate them in one pass.
+            qkv = self.qkv_proj(x)
+            qk = rotate(qkv[:, : (h + kvh) * d].view(t, h + kvh, d), cos, sin)
+            q, k = qk[:, :h], qk[:, h:]
+            v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
         else:
-            assert self.q_proj is not None and self.k_proj is not None and self.v_proj is not None
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        cos, sin = meta.rotary if meta.rotary is not None else rope.lookup(meta.positions, q.dtype)
-        q, k = apply_rotary(q, k, cos, sin)
+            if self.qkv_proj is not None:
+                q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+            else:
+                assert self.q_proj is not None and self.k_proj is not None
+                assert self.v_proj is not None
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = q.reshape(t, h, d), k.reshape(t, kvh, d), v.reshape(t, kvh, d)
+            if self.q_norm is not None and self.k_norm is not None:
+                q = self.q_norm(q)
+                k = self.k_norm(k)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         kvquant.write(cache, self.layer_idx, k, v, meta.slot_mapping)
         out = kvquant.attention(
             q,
