@@ -266,3 +266,42 @@ def test_peek_hashes_counts_by_hash_alone() -> None:
     bad.insert(toks(1), [1])
     assert bad.peek_hashes(block_hashes(toks(9), B, hasher=bad.hasher)) == B
     assert bad.peek(toks(9)) == 0
+
+
+def test_events_are_batched_per_flush_and_stop_on_unsubscribe() -> None:
+    from prefix_index import BlockRemoved, BlockStored, Cleared, IndexEvent
+
+    index = PrefixIndex(2)
+    batches: list[list[IndexEvent]] = []
+    index.insert([1, 2, 3, 4], [0, 1])
+    index.subscribe(batches.append)
+    assert batches == []  # nothing is delivered before a flush
+    index.insert([1, 2, 3, 4, 5, 6], [0, 1, 2])
+    index.insert([9, 9], [3], namespace=b"t")
+    index.evict(1)
+    index.flush_events()
+    h = block_hashes([1, 2, 3, 4, 5, 6], 2)
+    ht = block_hashes([9, 9], 2, b"t")
+    assert len(batches) == 1
+    snapshot, rest = batches[0][:3], batches[0][3:]
+    assert snapshot == [
+        Cleared(None),
+        BlockStored(b"", (h[0],), None),
+        BlockStored(b"", (h[1],), h[0]),
+    ]
+    assert rest == [
+        BlockStored(b"", (h[2],), h[1]),  # only the new block, under its cached parent
+        BlockStored(b"t", (ht[0],), None),
+        BlockRemoved(b"", (h[2],)),  # the lowest-priority leaf
+    ]
+    index.flush_events()
+    assert len(batches) == 1  # nothing pending: no call
+    index.clear(b"t")
+    index.acquire([0])
+    index.clear()  # block 0 is held: the others are removed one by one
+    index.flush_events()
+    assert batches[1] == [Cleared(b"t"), BlockRemoved(b"", (h[1],))]
+    index.subscribe(None)
+    index.insert([7, 7], [5])
+    index.flush_events()
+    assert len(batches) == 2

@@ -8,7 +8,17 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from prefix_index import HybridPolicy, LFUPolicy, LRUPolicy, PrefixIndex, block_hashes
+from prefix_index import (
+    BlockStored,
+    Cleared,
+    HybridPolicy,
+    IndexEvent,
+    LFUPolicy,
+    LRUPolicy,
+    PrefixIndex,
+    PrefixTracker,
+    block_hashes,
+)
 from prefix_index.policy import BlockAccess, EvictionPolicy
 
 B = 2
@@ -145,6 +155,14 @@ class IndexMachine(RuleBasedStateMachine):
         self.index = PrefixIndex(B, policy=self.policy, ttl=TTL, clock=lambda: self.now)
         self.ref = ReferenceIndex(self.policy)
         self.next_handle = 0
+        # A router's view, fed only by the index's event batches.
+        self.tracker = PrefixTracker()
+        self.index.subscribe(self._deliver)
+        self.batches = 0
+
+    def _deliver(self, events: list[IndexEvent]) -> None:
+        self.batches += 1
+        self.tracker.apply("r", events)
 
     @rule(ns=st.sampled_from(NAMESPACES), tokens=prompts)
     def peek(self, ns: bytes, tokens: list[int]) -> None:
@@ -232,6 +250,21 @@ class IndexMachine(RuleBasedStateMachine):
         }
         expect = sorted(self.ref.blocks.pop(k).handle for k in in_scope - keep)
         assert got == expect
+
+    @rule(tokens=prompts)
+    def flush_events(self, tokens: list[int]) -> None:
+        self.index.flush_events()
+        assert self.tracker.num_blocks("r") == len(self.ref.blocks)
+        for ns, prefix in [*self.ref.blocks, *((ns, tuple(tokens)) for ns in NAMESPACES)]:
+            hashes = block_hashes(list(prefix), B, ns)
+            assert self.tracker.match("r", ns, hashes) == len(self.ref.path(ns, list(prefix)))
+
+    @rule()
+    def resubscribe(self) -> None:
+        # A late subscriber starts from a snapshot and agrees from its first batch on.
+        self.tracker = PrefixTracker()
+        self.tracker.apply("r", [Cleared(None), BlockStored(b"", (b"stale-hash-0123",), None)])
+        self.index.subscribe(self._deliver)
 
     @invariant()
     def same_blocks_and_counts(self) -> None:

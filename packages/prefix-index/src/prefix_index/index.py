@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from .events import BlockRemoved, BlockStored, Cleared, EventSubscriber, IndexEvent
 from .hashing import Hasher, Tokens, default_hasher, namespace_seed, pack_tokens
 from .policy import BlockAccess, EvictionPolicy, make_policy
 from .stats import IndexStats
@@ -114,6 +115,8 @@ class PrefixIndex:
         self._referenced = 0
         self._queries = self._queried_tokens = self._hit_tokens = 0
         self._inserted = self._evicted = self._expired = self._cleared = 0
+        self._subscriber: EventSubscriber | None = None
+        self._events: list[IndexEvent] | None = None  # pending, only while subscribed
 
     # ----------------------------------------------------------------------------- lookups
 
@@ -243,6 +246,8 @@ class PrefixIndex:
         parent = path[-1] if path else self._root(namespace, create=True)
         assert parent is not None
         ns, hasher, baseline = bytes(namespace), self.hasher, self._baseline
+        stored_parent = None if parent.parent is None else parent.hash
+        stored: list[bytes] = []
         for j in range(i, num_blocks):
             block = packed[j * step : (j + 1) * step]
             h = hashes[j] if j < len(hashes) else hasher(prev + block)
@@ -254,7 +259,10 @@ class PrefixIndex:
             parent.children[h] = child
             self._by_handle[child.handle] = child
             self._inserted += 1
+            stored.append(h)
             parent, prev = child, h
+        if self._events is not None and stored:
+            self._events.append(BlockStored(ns, tuple(stored), stored_parent))
         if parent.parent is not None and self._is_candidate(parent):
             self._push(parent)  # only the new chain's last block can be a leaf
         return not_adopted
@@ -300,6 +308,7 @@ class PrefixIndex:
         """``evict``, returning each removed block's description (for a caller that keeps
         evicted blocks in a second tier), children before their parents."""
         out: list[CachedBlock] = []
+        removed: list[_Node] = []
         while len(out) < n and self._evict_heap:
             prio, _, _, version, node = heapq.heappop(self._evict_heap)
             if not self._is_current(node, version):
@@ -308,6 +317,8 @@ class PrefixIndex:
             self._remove(node)
             self._evicted += 1
             out.append(_describe(node))
+            removed.append(node)
+        self._note_removed(removed)
         return out
 
     def expire(self, now: float | None = None) -> list[int]:
@@ -318,6 +329,7 @@ class PrefixIndex:
             return []
         now = self.clock() if now is None else now
         out: list[int] = []
+        removed: list[_Node] = []
         while self._ttl_heap and self._ttl_heap[0][0] + self.ttl <= now:
             _, _, _, version, node = heapq.heappop(self._ttl_heap)
             if not self._is_current(node, version):
@@ -325,6 +337,8 @@ class PrefixIndex:
             self._remove(node)
             self._expired += 1
             out.append(node.handle)
+            removed.append(node)
+        self._note_removed(removed)
         return out
 
     def clear(self, namespace: bytes | None = None) -> list[int]:
@@ -334,10 +348,17 @@ class PrefixIndex:
             list(self._roots.values()) if namespace is None else [self._roots.get(bytes(namespace))]
         )
         out: list[int] = []
+        removed: list[_Node] = []
         for root in roots:
             if root is not None:
-                self._clear_subtree(root, out)
+                self._clear_subtree(root, out, removed)
         self._cleared += len(out)
+        if self._events is not None and removed:
+            emptied = not self._roots if namespace is None else bytes(namespace) not in self._roots
+            if emptied:  # one event instead of every hash
+                self._events.append(Cleared(None if namespace is None else bytes(namespace)))
+            else:
+                self._note_removed(removed)
         return out
 
     def blocks(self, namespace: bytes | None = None) -> list[CachedBlock]:
@@ -368,7 +389,53 @@ class PrefixIndex:
             cleared_blocks=self._cleared,
         )
 
+    # ----------------------------------------------------------------------------- events
+
+    def subscribe(self, subscriber: EventSubscriber | None) -> None:
+        """Send this index's events to ``subscriber`` (None: stop sending; one subscriber at a
+        time, a new one replaces the old).
+
+        From now on every change is recorded as an event (``BlockStored``, ``BlockRemoved``,
+        ``Cleared``) in a pending list, and ``flush_events`` hands the list to ``subscriber``
+        in one call, in order: the owner decides the batching (an engine flushes once per
+        step). The first batch starts with ``Cleared(None)`` and the blocks cached now, so
+        a subscriber that replays its batches always agrees with the index (see
+        ``PrefixTracker``). Cost: O(cached blocks) now, then O(1) per stored or removed block.
+        """
+        self._subscriber = subscriber
+        if subscriber is None:
+            self._events = None
+            return
+        self._events = [Cleared(None)]
+        for ns, root in self._roots.items():
+            stack = [root]
+            while stack:  # one event per node with children: its children, as one-block chains
+                node = stack.pop()
+                parent = None if node.parent is None else node.hash
+                for child in node.children.values():
+                    self._events.append(BlockStored(ns, (child.hash,), parent))
+                    stack.append(child)
+
+    def flush_events(self) -> None:
+        """Hand the pending events to the subscriber in one call (nothing when there are
+        none or nobody subscribed). An exception from the subscriber propagates; the batch is
+        not sent again."""
+        events = self._events
+        if not events or self._subscriber is None:
+            return
+        self._events = []
+        self._subscriber(events)
+
     # ----------------------------------------------------------------------------- internals
+
+    def _note_removed(self, nodes: list[_Node]) -> None:
+        if self._events is None or not nodes:
+            return
+        by_ns: dict[bytes, list[bytes]] = {}
+        for node in nodes:
+            by_ns.setdefault(node.namespace, []).append(node.hash)
+        for ns, hashes in by_ns.items():
+            self._events.append(BlockRemoved(ns, tuple(hashes)))
 
     def _node(self, handle: int) -> _Node:
         try:
@@ -491,11 +558,11 @@ class PrefixIndex:
         elif self._is_candidate(parent):
             self._push(parent)
 
-    def _clear_subtree(self, node: _Node, out: list[int]) -> bool:
+    def _clear_subtree(self, node: _Node, out: list[int], removed: list[_Node]) -> bool:
         """Post-order removal; returns whether ``node``'s subtree is now empty of blocks."""
         empty = True
         for child in list(node.children.values()):
-            empty = self._clear_subtree(child, out) and empty
+            empty = self._clear_subtree(child, out, removed) and empty
         if node.parent is None:
             if not node.children:
                 self._roots.pop(node.namespace, None)
@@ -506,5 +573,6 @@ class PrefixIndex:
             del self._by_handle[node.handle]
             node.alive = False
             out.append(node.handle)
+            removed.append(node)
             return True
         return False
