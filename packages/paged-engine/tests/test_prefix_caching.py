@@ -234,3 +234,39 @@ def test_random_workload_keeps_block_accounting(llama: tuple[Path, Any]) -> None
 def test_config_validation(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         EngineConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_cache_events_come_once_per_step_and_mirror_the_index(llama: tuple[Path, Any]) -> None:
+    from prefix_index import IndexEvent, PrefixTracker, block_hashes
+
+    engine = _engine(llama[0], num_blocks=16)  # small: later prompts evict earlier blocks
+    tracker = PrefixTracker()
+    calls: list[int] = []
+
+    def on_events(events: list[IndexEvent]) -> None:
+        calls.append(steps)
+        tracker.apply("me", events)
+
+    steps = 0
+    engine.subscribe_cache_events(on_events)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 12) for _ in range(rng.randrange(5, 30))] for _ in range(6)]
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, GREEDY, cache_salt=b"t" if i % 2 else b"")
+    while engine.has_unfinished():
+        steps += 1
+        assert all(o.finish_reason != "error" for o in engine.step())
+        index = engine.block_pool.index
+        assert index is not None
+        for i, p in enumerate(prompts):
+            ns = b"t" if i % 2 else b""
+            cached = index.peek(p, ns) // BS
+            assert tracker.match("me", ns, block_hashes(p, BS, ns)) == cached
+        assert tracker.num_blocks("me") == len(index)
+    assert len(calls) == len(set(calls)) and calls  # at most one batch per step
+    cached_blocks = tracker.num_blocks("me")
+    assert cached_blocks > 0 and engine.reset_prefix_cache() == cached_blocks
+    assert tracker.num_blocks("me") == 0  # the reset's events arrive without a step
+    no_cache = _engine(llama[0], enable_prefix_caching=False)
+    with pytest.raises(ValueError, match="prefix caching is off"):
+        no_cache.subscribe_cache_events(on_events)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 import kvquant
-from prefix_index import PrefixIndex
+from prefix_index import EventSubscriber, PrefixIndex
 
 from .block_pool import BlockPool
 from .config import EngineConfig
@@ -329,9 +329,11 @@ class LLMEngine:
         self._load_from_disk()  # before scheduling: admission then finds those blocks in memory
         scheduled = self.scheduler.schedule().scheduled
         if not scheduled:
+            self._flush_cache_events()
             return outputs
         logits = self._execute(scheduled)
         if logits is None:
+            self._flush_cache_events()
             return outputs + [self._fail(s.seq, self._forward_error) for s in scheduled]
         self._take_prompt_logits(scheduled, logits.prompt)
         sampling = [s.seq for s in scheduled if s.completes]
@@ -339,6 +341,7 @@ class LLMEngine:
         self.scheduler.computed(scheduled)
         for seq, result in zip(sampling, sampled, strict=True):
             outputs.append(self._postprocess(seq, result))
+        self._flush_cache_events()  # the step's cache changes, one batch
         return outputs
 
     def _load_from_disk(self) -> None:
@@ -450,7 +453,23 @@ class LLMEngine:
         stay in memory."""
         if self.disk_tier is not None:
             self.disk_tier.clear(cache_salt)
-        return self.block_pool.clear_cache(cache_salt)
+        freed = self.block_pool.clear_cache(cache_salt)
+        self._flush_cache_events()
+        return freed
+
+    def subscribe_cache_events(self, subscriber: EventSubscriber | None) -> None:
+        """Send the prefix cache's events (``prefix_index.BlockStored`` / ``BlockRemoved`` /
+        ``Cleared``) to ``subscriber``: one call per ``step`` (and per ``reset_prefix_cache``)
+        that changed the cache, from the thread that steps; the first call starts with
+        ``Cleared(None)`` and the blocks cached now. None unsubscribes. Raises ``ValueError``
+        when prefix caching is off."""
+        if self.block_pool.index is None:
+            raise ValueError("prefix caching is off (enable_prefix_caching=False): no cache events")
+        self.block_pool.index.subscribe(subscriber)
+
+    def _flush_cache_events(self) -> None:
+        if self.block_pool.index is not None:
+            self.block_pool.index.flush_events()
 
     def persist_prefix_cache(self, cache_salt: bytes | None = None) -> int:
         """Write every block of the in-memory prefix cache (of one namespace or, None, all) to
