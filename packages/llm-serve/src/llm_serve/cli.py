@@ -130,6 +130,22 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         choices=["critical", "error", "warning", "info", "debug"],
         help="log level; debug also logs every request [default: info]",
     )
+    scale = p.add_argument_group("scale-out (needs the llm-serve[ray] extra)")
+    scale.add_argument(
+        "--replicas",
+        type=_positive_int,
+        default=1,
+        help="engine replicas behind this one endpoint, on Ray Serve; each prompt goes to the "
+        "replica whose prefix cache holds most of it (see the README). Every engine flag "
+        "applies to every replica [default: 1, a single engine in this process]",
+    )
+    scale.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="join the Ray cluster at ADDR instead of starting a local one on 127.0.0.1 "
+        "(with --replicas >= 2)",
+    )
     add_engine_args(p)
     p.set_defaults(func=_serve)
 
@@ -145,6 +161,17 @@ def _serve(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         print(f"llm-serve serve: error: {exc}", file=sys.stderr)
         return 2
+    if args.ray_address and args.replicas < 2:
+        print("llm-serve serve: error: --ray-address needs --replicas >= 2", file=sys.stderr)
+        return 2
+    if args.replicas > 1:
+        from .ray_serve import require_ray
+
+        try:
+            require_ray()
+        except ImportError as exc:
+            print(f"llm-serve serve: error: --replicas {args.replicas}: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -160,6 +187,18 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger(__name__).info(
         "API keys: %s", f"{len(settings.api_keys)} configured" if settings.api_keys else "none"
     )
+    if args.replicas > 1:
+        from .ray_serve.launch import serve_replicas
+
+        return serve_replicas(
+            config,
+            settings,
+            args.replicas,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            ray_address=args.ray_address,
+        )
     app = build_app(config, settings)
     return run_server(app, host=args.host, port=args.port, log_level=args.log_level)
 

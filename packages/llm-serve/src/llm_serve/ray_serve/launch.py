@@ -1,0 +1,111 @@
+"""Start (or join) a Ray cluster, deploy the engine replicas, serve the routed app.
+
+A local cluster listens on loopback only (node IP 127.0.0.1), without the dashboard or usage
+reporting, with a small object store: requests and outputs are small, and the engines' memory
+is what matters. Ray Serve's own HTTP proxy stays off: the ingress (routes, tokenization,
+routing) runs in this process, under the same uvicorn server and graceful shutdown as a single
+engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.api import RunTarget
+
+from paged_engine import EngineConfig
+
+from ..server import run_server
+from ..state import ServerSettings
+from .app import build_routed_app
+from .replica import deployment
+from .routed_engine import RoutedEngine
+from .router import RoutingPolicy
+
+__all__ = [
+    "OBJECT_STORE_BYTES",
+    "deploy_replicas",
+    "remove_replicas",
+    "serve_replicas",
+    "start_ray",
+]
+
+logger = logging.getLogger(__name__)
+
+OBJECT_STORE_BYTES = 128 * 1024 * 1024
+APP_PREFIX = "llm-serve-engine-"
+
+
+def start_ray(address: str | None = None) -> bool:
+    """Join the cluster at ``address``, or start a local one on loopback; returns whether this
+    call started Ray (so the caller shuts it down). Does nothing if Ray is already up."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            object_store_memory=OBJECT_STORE_BYTES,
+            log_to_driver=True,
+        )
+    return True
+
+
+def deploy_replicas(config: EngineConfig, num_replicas: int) -> dict[str, Any]:
+    """Deploy ``num_replicas`` engine replicas (one Ray Serve application each, ``engine-i``,
+    all at once) and return their handles by name. Every replica gets ``config``."""
+    if num_replicas < 1:
+        raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
+    serve.start(proxy_location="Disabled")
+    names = [f"engine-{i}" for i in range(num_replicas)]
+    targets = [
+        RunTarget(deployment(name, config), name=APP_PREFIX + name, route_prefix=None)
+        for name in names
+    ]
+    handles = serve.run_many(targets)
+    return dict(zip(names, handles, strict=True))
+
+
+def remove_replicas(names: list[str]) -> None:
+    """Delete the replicas' applications (Ray Serve lets running requests finish first)."""
+    for name in names:
+        try:
+            serve.delete(APP_PREFIX + name)
+        except Exception:
+            logger.exception("removing engine replica %s failed", name)
+
+
+def serve_replicas(
+    config: EngineConfig,
+    settings: ServerSettings,
+    num_replicas: int,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    ray_address: str | None = None,
+    policy: RoutingPolicy | None = None,
+) -> int:
+    """Serve ``num_replicas`` engines behind one endpoint until SIGINT / SIGTERM, then drain
+    (in-flight requests get ``settings.shutdown_timeout``), remove the replicas and, if this
+    call started Ray, stop it. Returns the exit status."""
+    started = start_ray(ray_address)
+    names: list[str] = []
+    try:
+        logger.info("starting %d engine replicas of %s", num_replicas, config.model)
+        handles = deploy_replicas(config, num_replicas)
+        names = list(handles)
+        engine = RoutedEngine(handles, policy, max_queue=settings.max_queue)
+        app = build_routed_app(engine, settings)
+        return run_server(app, host=host, port=port, log_level=log_level)
+    finally:
+        remove_replicas(names)
+        if started:
+            serve.shutdown()  # type: ignore[no-untyped-call]
+            ray.shutdown()
