@@ -7,7 +7,17 @@ Needs the optional extra ``llm-serve[ray]``; nothing outside this package import
 
 from __future__ import annotations
 
-__all__ = ["INSTALL_HINT", "require_ray"]
+import os
+
+__all__ = ["INSTALL_HINT", "RAY_ENV_DEFAULTS", "require_ray"]
+
+# Read by Ray when it is first imported, so set here, before any module of this package imports
+# it (an explicit setting in the environment wins). Under `uv run`, Ray would otherwise build a
+# fresh virtual environment for every worker process; the replicas run in this environment, as
+# installed. No usage reporting.
+RAY_ENV_DEFAULTS = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+for _name, _value in RAY_ENV_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
 
 INSTALL_HINT = (
     "multi-replica serving needs Ray Serve: pip install 'llm-serve[ray]' (or, in this "

@@ -7,7 +7,6 @@ from collections.abc import Iterable, Iterator
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -28,12 +27,9 @@ def build_routed_app(engine: RoutedEngine, settings: ServerSettings) -> FastAPI:
     sums plus ``replicas`` (one object per live replica: ``replica``, ``pid`` and its own
     figures) and ``/metrics`` carrying per-replica families labelled ``replica``."""
     app = build_app(engine, settings)
-    app.router.routes = [
-        r
-        for r in app.router.routes
-        if not (isinstance(r, APIRoute) and r.path == "/v1/cache/stats")
-    ]
     app.include_router(_cache_stats_router(engine))
+    # First match wins: put it before the single-engine stats route of the same path.
+    app.router.routes.insert(0, app.router.routes.pop())
     state = app.state.llm
     assert state.metrics is not None
     state.metrics.registry.register(_ReplicaCollector(engine))

@@ -10,7 +10,6 @@ engine.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import ray
@@ -45,7 +44,6 @@ def start_ray(address: str | None = None) -> bool:
     call started Ray (so the caller shuts it down). Does nothing if Ray is already up."""
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
@@ -93,8 +91,8 @@ def serve_replicas(
     policy: RoutingPolicy | None = None,
 ) -> int:
     """Serve ``num_replicas`` engines behind one endpoint until SIGINT / SIGTERM, then drain
-    (in-flight requests get ``settings.shutdown_timeout``), remove the replicas and, if this
-    call started Ray, stop it. Returns the exit status."""
+    (in-flight requests get ``settings.shutdown_timeout``) and stop the local Ray cluster this
+    call started, or remove the replicas from the cluster it joined. Returns the exit status."""
     started = start_ray(ray_address)
     names: list[str] = []
     try:
@@ -105,7 +103,8 @@ def serve_replicas(
         app = build_routed_app(engine, settings)
         return run_server(app, host=host, port=port, log_level=log_level)
     finally:
-        remove_replicas(names)
+        # The server has drained: no request is left on any replica.
         if started:
-            serve.shutdown()  # type: ignore[no-untyped-call]
-            ray.shutdown()
+            ray.shutdown()  # the whole local cluster, replicas included
+        else:
+            remove_replicas(names)

@@ -183,5 +183,7 @@ def deployment(name: str, config: EngineConfig) -> Any:
         max_ongoing_requests=1 << 16,
         health_check_period_s=2.0,
         graceful_shutdown_timeout_s=30.0,
+        # The router long-polls every replica: a log line per poll would drown the rest.
+        logging_config={"enable_access_log": False},
     )(EngineReplica)
     return dep.bind(config)
