@@ -129,3 +129,14 @@ def test_readme_router_example_runs() -> None:
     section = text.split("## Several replicas on Ray Serve", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+
+
+def test_baseline_strategies() -> None:
+    rr = _router(strategy="round_robin")  # type: ignore[arg-type]
+    _stored(rr, "r1", SYSTEM)
+    assert [_route(rr, SYSTEM + [i]) for i in range(4)] == ["r1", "r0", "r1", "r0"]
+    ll = _router(strategy="least_loaded")  # type: ignore[arg-type]
+    _stored(ll, "r1", SYSTEM)
+    assert [_route(ll, SYSTEM + [i]) for i in range(3)] == ["r0", "r1", "r0"]
+    with pytest.raises(ValueError, match="strategy"):
+        RoutingPolicy(strategy="random")

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 
 from prefix_index import IndexEvent, PrefixTracker
 
-__all__ = ["PrefixRouter", "ReplicaLoad", "RoutingPolicy"]
+__all__ = ["STRATEGIES", "PrefixRouter", "ReplicaLoad", "RoutingPolicy"]
+
+STRATEGIES = ("prefix", "round_robin", "least_loaded")
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,14 @@ class RoutingPolicy:
     """``prefix_match_threshold``: the fraction of a prompt a replica must hold for cache
     affinity to count (in [0, 1]; the engines' own setting). ``balance_abs_threshold``: how many
     more requests in flight than the least loaded replica a cache-affine replica may have.
-    ``balance_kv_threshold``: the same bound on KV usage (a fraction of blocks)."""
+    ``balance_kv_threshold``: the same bound on KV usage (a fraction of blocks).
+    ``strategy``: ``"prefix"`` (the policy above), or a baseline to compare it with:
+    ``"round_robin"`` (replicas in turn) or ``"least_loaded"`` (step 3 alone)."""
 
     prefix_match_threshold: float = 0.5
     balance_abs_threshold: int = 4
     balance_kv_threshold: float = 0.25
+    strategy: str = "prefix"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prefix_match_threshold <= 1.0:
@@ -52,6 +57,8 @@ class RoutingPolicy:
             raise ValueError(
                 f"balance_kv_threshold must be in [0, 1], got {self.balance_kv_threshold}"
             )
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
 
 
 @dataclass
@@ -110,6 +117,7 @@ class PrefixRouter:
         self._inflight: dict[Hashable, _Inflight] = {}
         self._settling: dict[Hashable, list[tuple[bytes, tuple[bytes, ...]]]] = {}
         self.routed: Counter[tuple[Hashable, str]] = Counter()  # (replica, "prefix"|"load")
+        self._turn = 0  # round_robin's position
 
     def add_replica(self, replica: Hashable) -> None:
         """Start routing to ``replica`` with no cached blocks known (idempotent)."""
@@ -134,7 +142,13 @@ class PrefixRouter:
         ``LookupError`` when no replica is available."""
         if not self.loads:
             raise LookupError("no engine replica is available")
+        if self.policy.strategy == "round_robin":
+            names = sorted(self.loads, key=str)
+            self._turn += 1
+            return self._count(names[self._turn % len(names)], namespace, hashes, "turn")
         least = min(self.loads, key=self._load_key)
+        if self.policy.strategy == "least_loaded":
+            return self._count(least, namespace, hashes, "load")
         best, best_blocks = least, 0
         for replica in self.loads:
             blocks = max(
@@ -157,6 +171,11 @@ class PrefixRouter:
                 and lb.kv_usage - ll.kv_usage <= self.policy.balance_kv_threshold
             ):
                 chosen, reason = best, "prefix"
+        return self._count(chosen, namespace, hashes, reason)
+
+    def _count(
+        self, chosen: Hashable, namespace: bytes, hashes: Sequence[bytes], reason: str
+    ) -> Hashable:
         self.loads[chosen].in_flight += 1
         self._inflight[chosen].add(namespace, hashes, 1)
         self.routed[(chosen, reason)] += 1
