@@ -84,7 +84,8 @@ class PrefixIndex:
     ``policy`` is ``"lru"``, ``"lfu"``, ``"hybrid"`` or an :class:`EvictionPolicy`. ``ttl``
     (seconds, or None) expires unreferenced blocks idle that long, measured with ``clock``
     from their last match, insert or release. ``hasher`` replaces xxh3-128 (tests inject
-    colliding hashers with it).
+    colliding hashers with it). ``subscribe`` / ``flush_events`` publish the index's changes in
+    batches (``prefix_index.events``).
     """
 
     def __init__(

@@ -11,7 +11,7 @@ Policy (SGLang's cache-aware router idea, fed by each replica's real prefix inde
    ``balance_abs_threshold`` requests (and ``balance_kv_threshold`` of KV usage) of the least
    loaded replica.
 3. Otherwise the least loaded replica wins: fewest requests in flight, then lowest KV usage,
-   then fewest cached blocks (room for a new prefix), then name.
+   then fewest blocks held or being computed (room for a new prefix), then name.
 
 The events are hints: a replica verifies every token it reuses, so stale or lost events cost
 hit rate, never correctness.
@@ -85,6 +85,9 @@ class _Inflight:
                 del counter[h]
         if not counter:
             del self.blocks[namespace]
+
+    def num_blocks(self) -> int:
+        return sum(len(c) for c in self.blocks.values())
 
     def match(self, namespace: bytes, hashes: Sequence[bytes]) -> int:
         counter = self.blocks.get(namespace)
@@ -207,4 +210,5 @@ class PrefixRouter:
 
     def _load_key(self, replica: Hashable) -> tuple[int, float, int, str]:
         load = self.loads[replica]
-        return (load.in_flight, load.kv_usage, self.tracker.num_blocks(replica), str(replica))
+        held = self.tracker.num_blocks(replica) + self._inflight[replica].num_blocks()
+        return (load.in_flight, load.kv_usage, held, str(replica))
