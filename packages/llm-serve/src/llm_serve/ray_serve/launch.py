@@ -36,24 +36,35 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 OBJECT_STORE_BYTES = 128 * 1024 * 1024
+STARTUP_ATTEMPTS = 3
 APP_PREFIX = "llm-serve-engine-"
 
 
 def start_ray(address: str | None = None) -> bool:
     """Join the cluster at ``address``, or start a local one on loopback; returns whether this
-    call started Ray (so the caller shuts it down). Does nothing if Ray is already up."""
+    call started a local cluster (so the caller shuts it down). Does nothing if Ray is already
+    up. A local start is retried when Ray's node misses its startup deadline."""
     if ray.is_initialized():
         return False
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            object_store_memory=OBJECT_STORE_BYTES,
-            log_to_driver=True,
-        )
-    return True
+        return False
+    for attempt in range(1, STARTUP_ATTEMPTS + 1):
+        try:
+            ray.init(
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                object_store_memory=OBJECT_STORE_BYTES,
+                log_to_driver=True,
+            )
+            return True
+        except Exception as exc:
+            # Ray gives its local node a fixed 30 s to come up; a busy machine can miss that.
+            if "timed out during startup" not in str(exc) or attempt == STARTUP_ATTEMPTS:
+                raise
+            logger.warning("the local Ray node did not start in time; retrying (%s)", exc)
+            ray.shutdown()
+    raise AssertionError("unreachable")
 
 
 def deploy_replicas(config: EngineConfig, num_replicas: int) -> dict[str, Any]:
