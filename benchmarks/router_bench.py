@@ -56,15 +56,22 @@ def system_prompts(n: int, words: int, seed: int) -> list[str]:
     ]
 
 
-def workload(prompts: list[str], turns: int) -> list[list[dict[str, str]]]:
-    return [
-        [
-            {"role": "system", "content": system},
-            {"role": "user", "content": f"Question {t} for branch {k}: when do you open?"},
-        ]
-        for t in range(turns)
-        for k, system in enumerate(prompts)
-    ]
+def workload(prompts: list[str], turns: int, seed: int) -> list[list[dict[str, str]]]:
+    """Turn t of every system prompt, in a shuffled order, then turn t + 1, ... (a fixed order
+    would let round-robin over an even number of replicas keep every prompt on one replica)."""
+    rng = random.Random(seed + 1)
+    out = []
+    for t in range(turns):
+        order = list(range(len(prompts)))
+        rng.shuffle(order)
+        for k in order:
+            out.append(
+                [
+                    {"role": "system", "content": prompts[k]},
+                    {"role": "user", "content": f"Question {t} for branch {k}: when do you open?"},
+                ]
+            )
+    return out
 
 
 async def run_load(
@@ -133,7 +140,11 @@ def serving(app: Any) -> Iterator[str]:
 
 
 def measure(name: str, url: str, args: argparse.Namespace, requests: list[Any]) -> dict[str, Any]:
-    httpx.post(url + "/v1/cache/reset", json={}, timeout=60)  # cold cache, every namespace
+    # Warm up every engine (first calls into torch are slow) on unrelated prompts, then empty
+    # every cache: each router starts cold on the same requests.
+    warmup = [[{"role": "user", "content": f"warm-up {i}"}] for i in range(4 * args.replicas)]
+    asyncio.run(run_load(url, "bench", warmup, 4 * args.rate, args.max_tokens))
+    httpx.post(url + "/v1/cache/reset", json={}, timeout=60)
     before = cache_figures(url)
     t0 = time.perf_counter()
     ttfts = asyncio.run(run_load(url, "bench", requests, args.rate, args.max_tokens))
@@ -189,11 +200,11 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--num-blocks", type=int, default=None, help="KV blocks per engine [default: auto]")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="a smoke run: tiny random model, 2 x 3 requests")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: tiny random model, 3 x 3 requests")
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = ap.parse_args()
     if args.quick:
-        args.prompts, args.turns, args.system_words, args.rate = 2, 3, 30, 4.0
+        args.prompts, args.turns, args.system_words, args.rate = 3, 3, 30, 4.0
         args.num_blocks = args.num_blocks or 256
 
     require_ray()
@@ -222,7 +233,7 @@ def main() -> None:
         model = f"dummy:{tiny}"
     config = EngineConfig(model=model, device="cpu", num_blocks=args.num_blocks, seed=args.seed)
     settings = ServerSettings(model_name="bench", log_interval=0)
-    requests = workload(system_prompts(args.prompts, args.system_words, args.seed), args.turns)
+    requests = workload(system_prompts(args.prompts, args.system_words, args.seed), args.turns, args.seed)
 
     rows: list[dict[str, Any]] = []
     started = start_ray()
