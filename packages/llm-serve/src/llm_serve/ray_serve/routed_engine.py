@@ -135,12 +135,12 @@ class RoutedEngine(AsyncEngine):
     def start(
         self,
         loop: asyncio.AbstractEventLoop,
-        on_load_error: Callable[[BaseException], None] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         if self._loop is not None:
             raise RuntimeError("RoutedEngine.start() was already called")
         self._loop = loop
-        self._on_load_error = on_load_error
+        self._on_failure = on_failure
         for rep in self.replicas.values():
             self._pollers.append(loop.create_task(self._poll_forever(rep)))
 
