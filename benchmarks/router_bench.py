@@ -8,7 +8,8 @@ cold cache, to:
 
 - `index`: 2 replicas on Ray Serve, routed by their real prefix-index events (this project);
 - `round-robin`: the same 2 replicas, taken in turn;
-- `single`: one engine in this process (the upper bound on hit rate: nothing is split).
+- `single`: one engine (`llm-serve serve`, its own process; the upper bound on hit rate:
+  nothing is split).
 
 Reports the cluster-wide prefix-cache hit rate (from `/v1/cache/stats`, prompt tokens served
 from the cache / prompt tokens) and mean / p50 / p99 time to first token measured by the client.
@@ -139,6 +140,41 @@ def serving(app: Any) -> Iterator[str]:
         thread.join(60)
 
 
+@contextmanager
+def engine_process(config: Any) -> Iterator[str]:
+    """One engine in its own process (`llm-serve serve`), as each replica is: the client and
+    the engine do not share an interpreter."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "llm_serve.cli", "serve", config.model, "--port", str(port),
+           "--served-model-name", "bench", "--device", "cpu", "--log-stats-interval", "0",
+           "--log-level", "warning", "--seed", str(config.seed)]  # fmt: skip
+    if config.num_blocks is not None:
+        cmd += ["--num-blocks", str(config.num_blocks)]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the single-engine server did not become healthy")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def measure(name: str, url: str, args: argparse.Namespace, requests: list[Any]) -> dict[str, Any]:
     # Warm up every engine (first calls into torch are slow) on unrelated prompts, then empty
     # every cache: each router starts cold on the same requests.
@@ -214,7 +250,6 @@ def main() -> None:
     from llm_serve.ray_serve.launch import deploy_replicas, start_ray
     from llm_serve.ray_serve.routed_engine import RoutedEngine
     from llm_serve.ray_serve.router import RoutingPolicy
-    from llm_serve.server import build_app
     from llm_serve.state import ServerSettings
     from paged_engine import EngineConfig
 
@@ -249,7 +284,7 @@ def main() -> None:
     finally:
         if started:
             ray.shutdown()
-    with serving(build_app(config, settings)) as url:
+    with engine_process(config) as url:
         rows.append(measure("single", url, args, requests))
 
     by = {r["router"]: r for r in rows}
