@@ -27,6 +27,9 @@ from llm_serve.ray_serve.routed_engine import RoutedEngine  # noqa: E402
 from llm_serve.state import ServerSettings  # noqa: E402
 from paged_engine import EngineConfig  # noqa: E402
 
+# Starting Ray and two replicas takes ~100 s on a quiet 2-core machine, far more on a busy one.
+pytestmark = pytest.mark.timeout(600)
+
 KEYS = ("tenant-a-key", "tenant-b-key")
 BS = 4
 
