@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from prefix_index import CachedBlock, PrefixIndex
+from prefix_index import CachedBlock, EventSubscriber, PrefixIndex
 
 __all__ = ["BlockPool", "NoFreeBlocksError"]
 
@@ -153,6 +153,18 @@ class BlockPool:
             self._index.acquire(newly_used)
 
     # -- prefix cache ---------------------------------------------------------------------------
+
+    def subscribe(self, subscriber: EventSubscriber | None) -> None:
+        """Send the index's events to ``subscriber`` (``PrefixIndex.subscribe``); ValueError
+        without an index."""
+        if self._index is None:
+            raise ValueError("prefix caching is off (enable_prefix_caching=False): no cache events")
+        self._index.subscribe(subscriber)
+
+    def flush_events(self) -> None:
+        """Deliver the index's pending events in one batch (nothing without a subscriber)."""
+        if self._index is not None:
+            self._index.flush_events()
 
     def peek(self, hashes: list[bytes], namespace: bytes) -> int:
         """Cached tokens of the chain ``hashes`` by hash alone (a heuristic: no verification,

@@ -463,13 +463,10 @@ class LLMEngine:
         that changed the cache, from the thread that steps; the first call starts with
         ``Cleared(None)`` and the blocks cached now. None unsubscribes. Raises ``ValueError``
         when prefix caching is off."""
-        if self.block_pool.index is None:
-            raise ValueError("prefix caching is off (enable_prefix_caching=False): no cache events")
-        self.block_pool.index.subscribe(subscriber)
+        self.block_pool.subscribe(subscriber)
 
     def _flush_cache_events(self) -> None:
-        if self.block_pool.index is not None:
-            self.block_pool.index.flush_events()
+        self.block_pool.flush_events()
 
     def persist_prefix_cache(self, cache_salt: bytes | None = None) -> int:
         """Write every block of the in-memory prefix cache (of one namespace or, None, all) to

@@ -3,7 +3,9 @@ only several replicas have (a ``replicas`` list in ``/v1/cache/stats``, per-repl
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -13,7 +15,7 @@ from prometheus_client.registry import Collector
 from paged_engine import EngineStats, LLMEngine
 
 from ..async_engine import EngineDeadError, EngineNotReadyError
-from ..metrics import METRIC_PREFIX, cache_stats_dict
+from ..metrics import METRIC_PREFIX
 from ..protocol import APIError
 from ..server import build_app
 from ..state import ServerSettings, get_state
@@ -40,6 +42,11 @@ def _stats(e: LLMEngine) -> EngineStats:
     return e.stats()
 
 
+def cache_stats_dict(stats: EngineStats) -> dict[str, Any]:
+    """``/v1/cache/stats``'s figures: every ``EngineStats`` field and the hit rate."""
+    return {**dataclasses.asdict(stats), "prefix_cache_hit_rate": stats.prefix_cache_hit_rate}
+
+
 def _cache_stats_router(engine: RoutedEngine) -> APIRouter:
     router = APIRouter()
 
@@ -54,7 +61,7 @@ def _cache_stats_router(engine: RoutedEngine) -> APIRouter:
         if not per:
             raise APIError(503, "no engine replica answered", type="service_unavailable")
         block_size = engine.engine.config.block_size
-        body = cache_stats_dict(sum_stats([s for _, s in per]), block_size)
+        body = {**cache_stats_dict(sum_stats([s for _, s in per])), "block_size": block_size}
         body["replicas"] = [
             {"replica": rep.name, "pid": rep.pid, **cache_stats_dict(s)} for rep, s in per
         ]

@@ -50,7 +50,7 @@ class Rejected:
 
 class ReplicaInfo(dict[str, Any]):
     """What a replica tells the router once: ``uid``, ``pid``, ``tokenizer``, ``max_model_len``,
-    ``max_seq_len``, ``model_config``, ``config``."""
+    ``max_seq_len``, ``num_blocks``, ``model_config``, ``config``."""
 
 
 class EngineReplica:
@@ -108,6 +108,7 @@ class EngineReplica:
             tokenizer=llm.tokenizer,
             max_model_len=llm.max_model_len,
             max_seq_len=llm.max_seq_len,
+            num_blocks=llm.block_pool.num_blocks,
             model_config=llm.model_config,
             config=llm.config,
         )
@@ -117,7 +118,7 @@ class EngineReplica:
         group until all have finished. Cancelling the stream aborts the requests."""
         engine = await self._started()
         for r in requests:
-            r.extra.pop("arrival_time", None)  # arrival on this replica's clock
+            r.arrival_time = None  # arrival on this replica's clock
         try:
             stream = engine.add(requests)
         except QueueFullError as exc:
@@ -128,8 +129,8 @@ class EngineReplica:
             return
         yield ACCEPTED
         try:
-            async for out in stream:
-                yield out
+            while not stream.finished:
+                yield await stream.get()
         finally:
             stream.abort()
 

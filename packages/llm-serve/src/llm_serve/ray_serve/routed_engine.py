@@ -45,24 +45,42 @@ POLL_GRACE = 10.0
 
 
 @dataclasses.dataclass
+class _PoolShape:
+    num_blocks: int
+
+
+@dataclasses.dataclass
 class Frontend:
-    """What the routes read from an engine (tokenizer, limits, config), without its weights."""
+    """What the routes read from an engine (tokenizer, limits, config, prompt checks and chat
+    template), without its weights or KV cache."""
 
     tokenizer: Any
     max_model_len: int
     max_seq_len: int
     model_config: Any
     config: Any
+    block_pool: _PoolShape
+    disk_tier: Any = None  # only "is it on" is asked here
 
     @classmethod
     def from_info(cls, info: ReplicaInfo) -> Frontend:
+        config = info["config"]
         return cls(
             info["tokenizer"],
             info["max_model_len"],
             info["max_seq_len"],
             info["model_config"],
-            info["config"],
+            config,
+            _PoolShape(info["num_blocks"]),
+            getattr(config, "kv_disk_dir", None),
         )
+
+    # The engine's own checks and template, run on this object's fields: one implementation.
+    def check_prompt(self, prompt: Any) -> list[int]:
+        return LLMEngine.check_prompt(cast(LLMEngine, self), prompt)
+
+    def chat_prompt(self, messages: Any, **kw: Any) -> list[int]:
+        return LLMEngine.chat_prompt(cast(LLMEngine, self), messages, **kw)
 
 
 @dataclasses.dataclass
@@ -206,7 +224,7 @@ class RoutedEngine(AsyncEngine):
         stream = OutputStream(self, [r.request_id for r in requests])
         by_prompt: dict[tuple[bytes, tuple[int, ...]], list[EngineRequest]] = {}
         for r in requests:
-            ns = bytes(r.extra.get("cache_salt", b""))
+            ns = bytes(r.cache_salt)
             by_prompt.setdefault((ns, tuple(r.prompt_token_ids)), []).append(r)
         now = time.monotonic()
         bs = self.router.block_size
