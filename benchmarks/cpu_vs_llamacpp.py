@@ -10,8 +10,8 @@ Runs back to back in one process (llama.cpp through llama-cpp-python, 2 threads)
    runs them one after the other through ``Llama.generate``, which reuses the KV of the prompt
    prefix shared with the previous request (its own prefix cache);
 3. prefix caching on vs off for this engine alone (``--cache-system-tokens`` shared prompt);
-4. with ``--rss``: peak RSS of ``llm-serve serve`` (the bundled model, one request served) with
-   ``--weight-quant none`` and with the defaults.
+4. with ``--rss``: peak RSS of ``llm-serve serve`` (the bundled model, a 256-block KV pool,
+   one request served) with float32 weights as loaded and with the defaults.
 
 Both sides get identical token ids (the chat template applied by this engine's tokenizer).
 llama-cpp-python is a benchmark-only dependency, never installed by CI; install it into the
@@ -224,7 +224,16 @@ def main() -> None:
     }
     rss_table = ""
     if args.rss:
-        rss = {name: serve_peak_rss(flags) for name, flags in (("weights as loaded (float32)", ["--weight-quant", "none", "--dtype", "float32"]), ("defaults", []))}
+        # A fixed KV pool (256 blocks), so the figure shows the weights, not the 4 GiB default
+        # pool that CPU serving allocates up front.
+        pool = ["--num-blocks", "256"]
+        rss = {
+            name: serve_peak_rss([*flags, *pool])
+            for name, flags in (
+                ("float32 weights as loaded (the old default)", ["--weight-quant", "none", "--dtype", "float32"]),
+                ("defaults (bf16, int4)", []),
+            )
+        }
         data["serve_peak_rss_mib"] = rss
         rss_table = markdown_table(["llm-serve serve default", "peak RSS MiB"], [[k, v] for k, v in rss.items()])
     print(table, cache_table, rss_table, sep="\n\n")
