@@ -30,6 +30,9 @@ ENGINE_FLAG_HELP: Mapping[str, str] = {
     "none (weights as loaded)",
     "block_size": "tokens per KV block (a power of two)",
     "quant_policy": "KV cache quantization: 0 (none), 8 (int8) or 4 (int4)",
+    "kv_int4_layout": "int4 key layout under --quant-policy 4: block-channel (the default: keys "
+    "per block and channel, the open block exact; keeps quality) or token (per token, "
+    "LMDeploy's layout; more capacity)",
     "enable_prefix_caching": "reuse the KV blocks of already computed prompt prefixes",
     "cache_size_limit": "fraction of free memory given to KV blocks, in (0, 1] (default: 0.8 of "
     "free GPU memory; on CPU 0.5 of available RAM, at most 4 GiB)",

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import InitVar, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -135,7 +135,7 @@ class EngineConfig:
     kv_disk_dir: str | None = None
     kv_disk_size_limit: int | None = None
     revision: str | None = None
-    kv_int4_layout: str = "block-channel"
+    kv_int4_layout: Literal["block-channel", "token"] = "block-channel"
     # LMDeploy's names, accepted for the fields in ``LMDEPLOY_ENGINE_NAMES`` (not stored).
     cache_max_entry_count: InitVar[float | None] = None
     session_len: InitVar[int | None] = None
