@@ -91,7 +91,12 @@ def write_steps(
         cache.assign_residual(blocks, rslots)
         k = torch.cat(ks)
         kvquant.write(
-            cache, layer, k, torch.randn_like(k), torch.cat(slots).to(dev), backend=backend  # type: ignore[arg-type]
+            cache,
+            layer,
+            k,
+            torch.randn_like(k),
+            torch.cat(slots).to(dev),
+            backend=backend,  # type: ignore[arg-type]
         )
     bt = torch.tensor(tables, dtype=torch.int32, device=dev)
     return Written(cache, keys, bt, lens, [c[-1] for c in chunks])
@@ -165,7 +170,9 @@ def check_stored_keys(w: Written) -> None:
             xb = x[i * bs : (i + 1) * bs]
             lo, hi = xb.amin(0), xb.amax(0)  # [kvh, D]
             s = sz_t[int(w.tables[b, i])].cpu().to(torch.float64)[..., 0]
-            torch.testing.assert_close(s, ((hi - lo) / 15).clamp(min=kvquant.EPS), rtol=2e-3, atol=1e-6)
+            torch.testing.assert_close(
+                s, ((hi - lo) / 15).clamp(min=kvquant.EPS), rtol=2e-3, atol=1e-6
+            )
             bound = 0.5 * s + 15 * ((hi - lo) / 15 - s).abs() + 1e-6 * xb.abs().amax()
             assert ((got[i * bs : (i + 1) * bs] - xb).abs() <= bound).all()
         tail = w.seq_lens[b] // bs * bs
@@ -210,7 +217,10 @@ TRITON_CASES = [
 
 def test_triton_cases_are_pairwise() -> None:
     for i, j in itertools.combinations(range(4), 2):
-        values = [sorted({str(c[i]) for c in TRITON_CASES}), sorted({str(c[j]) for c in TRITON_CASES})]
+        values = [
+            sorted({str(c[i]) for c in TRITON_CASES}),
+            sorted({str(c[j]) for c in TRITON_CASES}),
+        ]
         seen = {(str(c[i]), str(c[j])) for c in TRITON_CASES}
         assert len(seen) == len(values[0]) * len(values[1])
 
@@ -227,7 +237,9 @@ def test_triton_matches_torch_and_reference(
     ka, kb = a.k[1].to(torch.int16), b.k[1].to(torch.int16)
     ka, kb = torch.cat([ka & 0xF, ka >> 4], -1), torch.cat([kb & 0xF, kb >> 4], -1)
     assert (ka - kb).abs().max() <= 1 and (ka != kb).float().mean() < 0.01
-    torch.testing.assert_close(b.k_scale_zero[1], a.k_scale_zero[1], rtol=1e-6, atol=0, equal_nan=True)
+    torch.testing.assert_close(
+        b.k_scale_zero[1], a.k_scale_zero[1], rtol=1e-6, atol=0, equal_nan=True
+    )
     torch.testing.assert_close(b.k_residual[1], a.k_residual[1], rtol=0, atol=0, equal_nan=True)
     check_stored_keys(wk)
 

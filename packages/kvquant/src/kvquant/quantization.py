@@ -196,7 +196,9 @@ def quantize_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     check_quantize_args(x, 4)
     if x.dim() < 3 or x.shape[-3] == 0:
-        raise ValueError(f"quantize_channels expects [..., N, H, D] with N >= 1, got {tuple(x.shape)}")
+        raise ValueError(
+            f"quantize_channels expects [..., N, H, D] with N >= 1, got {tuple(x.shape)}"
+        )
     xf = x.to(torch.float32)
     lo = xf.amin(dim=-3)
     hi = xf.amax(dim=-3)
