@@ -204,7 +204,7 @@ def _seal_kernel(
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     slot = tl.load(slot_ptr + t)
-    if slot < 0 or slot % CACHE_BLOCK != CACHE_BLOCK - 1:
+    if (slot < 0) | (slot % CACHE_BLOCK != CACHE_BLOCK - 1):
         return
     blk = slot // CACHE_BLOCK
     DC: tl.constexpr = D // 2
@@ -468,6 +468,7 @@ def _load_k_channel(
     ``j``: de-quantized with their block's per-channel (scale, min) where the block is full,
     the exact residual keys where it is the sequence's last, partial block."""
     full = (j // CACHE_BLOCK + 1) * CACHE_BLOCK <= seq_len
+    is_open = (j // CACHE_BLOCK + 1) * CACHE_BLOCK > seq_len
     ch = c + HALF * DC
     fmask = kmask & full[:, None]
     raw = tl.load(k_ptr + row[:, None] * DC + c[None, :], mask=fmask, other=0).to(tl.int32)
@@ -475,8 +476,8 @@ def _load_k_channel(
     sz_off = ((blk.to(tl.int64) * KVH + kvh) * D)[:, None] + ch[None, :]
     s = tl.load(ksz_ptr + sz_off * 2, mask=fmask, other=0.0).to(tl.float32)
     m = tl.load(ksz_ptr + sz_off * 2 + 1, mask=fmask, other=0.0).to(tl.float32)
-    omask = kmask & (full == 0)[:, None]
-    rslot = tl.load(rmap_ptr + blk, mask=(full == 0), other=0).to(tl.int64)
+    omask = kmask & is_open[:, None]
+    rslot = tl.load(rmap_ptr + blk, mask=is_open, other=0).to(tl.int64)
     rrow = (rslot * CACHE_BLOCK + j % CACHE_BLOCK) * KVH + kvh
     res = tl.load(res_ptr + rrow[:, None] * D + ch[None, :], mask=omask, other=0.0)
     x = tl.where(full[:, None], codes.to(tl.float32) * s + m, res.to(tl.float32))
