@@ -137,6 +137,10 @@ def ref_attention(w: Written, q: torch.Tensor, values: torch.Tensor, scale: floa
         scores = scores.masked_fill(pos[None, None, :] > qpos[None, :, None], float("-inf"))
         out[start : start + n] = torch.einsum("hqk,khd->qhd", torch.softmax(scores, -1), vv)
         start += n
+    if w.cache.rotates_values:  # stored values are v @ R, R orthonormal and symmetric
+        r = w.cache.value_rotation().cpu().to(torch.float64)
+        assert torch.allclose(r @ r, torch.eye(r.shape[0], dtype=torch.float64), atol=1e-6)
+        out = out @ r
     return out
 
 
@@ -361,3 +365,30 @@ def test_from_memory_budget_pays_the_residual_first() -> None:
 def test_bad_layouts(bits: int, layout: str, slots: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         kvquant.KVCache(1, 2, 16, 1, 64, bits, torch.float16, "cpu", layout, slots)
+
+
+def test_values_are_stored_rotated_and_read_back(ref: SimpleNamespace) -> None:
+    """Block-channel values are stored Hadamard-rotated (outlier channels spread over the
+    head), which is invisible to attention's callers: with one key, attention returns that
+    key's value, and the rotated storage reconstructs it better than plain per-token int4."""
+    dev = ref.device()
+    gen = torch.Generator().manual_seed(2)
+    v = ref.realistic(1, 1, 64, gen).to(torch.float32).to(dev)  # outlier channels
+    k = torch.randn(1, 1, 64, generator=gen).to(dev)
+    errs = {}
+    for layout, slots in (("block-channel", 1), ("token", 0)):
+        c = kvquant.KVCache(1, 2, 16, 1, 64, 4, torch.float32, dev, layout, slots)
+        assert c.rotates_values == (layout == "block-channel")
+        if slots:
+            c.assign_residual([1], [0])
+        kvquant.write(c, 0, k, v, torch.tensor([16], device=dev))
+        one = torch.ones(1, dtype=torch.int32, device=dev)
+        bt = torch.tensor([[1]], dtype=torch.int32, device=dev)
+        out = kvquant.attention(torch.randn(1, 2, 64, device=dev), c, 0, bt, one, one, 0.125)
+        errs[layout] = float((out[0, 0] - v[0, 0]).norm() / v.norm())
+        torch.testing.assert_close(out[0, 0], out[0, 1])
+    assert errs["block-channel"] < 0.5 * errs["token"], errs
+    odd = kvquant.KVCache(1, 2, 16, 1, 48, 4, torch.float32, "cpu", "block-channel", 1)
+    assert not odd.rotates_values
+    with pytest.raises(ValueError, match="rotate values"):
+        odd.value_rotation()

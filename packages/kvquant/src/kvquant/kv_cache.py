@@ -215,6 +215,33 @@ class KVCache:
         self.device = self.k[0].device
 
     @property
+    def rotates_values(self) -> bool:
+        """True when values are stored Hadamard-rotated: the block-channel layout with a
+        power-of-two ``head_dim``. ``write`` stores ``v @ R`` and ``attention`` returns
+        ``(P @ v_stored) @ R``, with ``R`` the orthonormal (and symmetric, so self-inverse)
+        Hadamard matrix: a value's outlier channels are spread over all channels, so per-token
+        int4 steps shrink. Transparent to callers of ``write`` and ``attention``."""
+        d = self.head_dim
+        return self.block_channel and d & (d - 1) == 0
+
+    def value_rotation(self) -> torch.Tensor:
+        """The float32 ``[head_dim, head_dim]`` orthonormal Hadamard matrix (built once).
+
+        Raises:
+            ValueError: the cache does not rotate values.
+        """
+        if not self.rotates_values:
+            raise ValueError("only block-channel caches with a power-of-two head_dim rotate values")
+        r = self._scratch.get("value rotation")
+        if r is None:
+            r = torch.ones(1, 1)
+            while r.shape[0] < self.head_dim:
+                r = torch.cat([torch.cat([r, r], 1), torch.cat([r, -r], 1)], 0)
+            r = (r / self.head_dim**0.5).to(self.device)
+            self._scratch["value rotation"] = r
+        return r
+
+    @property
     def block_channel(self) -> bool:
         """True for the block-channel int4 key layout (with its residual)."""
         return self.int4_layout == "block-channel"
