@@ -87,6 +87,9 @@ def make_engine(variant: str, chunk: int, num_blocks: int) -> LLMEngine:
         EngineConfig(
             model="default",
             device="cpu",
+            # float32 weights as loaded: the figures measure the KV cache alone.
+            dtype="float32",
+            weight_quant=None,
             quant_policy=policy,
             kv_int4_layout=layout,  # type: ignore[arg-type]
             num_blocks=num_blocks,
