@@ -154,3 +154,15 @@ def test_preemption_with_a_residual(llama_dir: Path) -> None:
         e.check_invariants()
     assert any(s is not None for s in held_at_preemption)
     assert [done["0"], done["1"]] == ref
+
+
+def test_disk_tier_saves_blocks_not_the_residual() -> None:
+    """The residual is indexed by slot: never part of a block's stored payload, even when the
+    slot count equals the block count; the per-channel key scales are."""
+    import kvquant
+    from paged_engine.disk_tier import per_block_tensors
+
+    cache = kvquant.KVCache(2, 4, BS, 2, 16, 4, torch.float32, "cpu", "block-channel", 4)
+    names = [n for n, _ in per_block_tensors(cache)]
+    assert not any(n.startswith("k_residual") for n in names)
+    assert {"k_scale_zero[1]", "v_scale_zero[1]", "k[0]", "v[0]"} <= set(names)
