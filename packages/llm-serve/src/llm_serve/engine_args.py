@@ -16,7 +16,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from paged_engine import EngineConfig
-from paged_engine.config import DTYPES, EVICTION_POLICIES, QUANT_POLICIES, WEIGHT_QUANT_CHOICES
+from paged_engine.config import (
+    DTYPES,
+    EVICTION_POLICIES,
+    KV_INT4_LAYOUTS,
+    QUANT_POLICIES,
+    WEIGHT_QUANT_CHOICES,
+)
 
 __all__ = ["ENGINE_FLAG_CHOICES", "ENGINE_FLAG_HELP", "add_engine_args", "engine_config_from_args"]
 
@@ -59,6 +65,7 @@ ENGINE_FLAG_CHOICES: Mapping[str, tuple[Any, ...]] = {
     "eviction_policy": EVICTION_POLICIES,
     "dtype": ("auto", *DTYPES),
     "weight_quant": WEIGHT_QUANT_CHOICES,
+    "kv_int4_layout": KV_INT4_LAYOUTS,
 }
 
 _SKIP = frozenset({"model"})
