@@ -1,4 +1,4 @@
-"""Shared-system-prompt throughput: this engine (prefix caching on/off, quant_policy 0/8/4)
+"""Shared-system-prompt throughput: this engine (prefix caching on/off, quant_policy 0/8/4, int4 in both key layouts)
 against transformers `generate` one request at a time and transformers continuous batching
 (`generate_batch`), on the same prompts, in one process.
 
@@ -174,7 +174,10 @@ def main() -> None:
         run_engine("prefix caching on", prompts, args.max_tokens),
         run_engine("prefix caching off", prompts, args.max_tokens, enable_prefix_caching=False),
         run_engine("prefix caching on, int8 KV", prompts, args.max_tokens, quant_policy=8),
-        run_engine("prefix caching on, int4 KV", prompts, args.max_tokens, quant_policy=4),
+        run_engine("prefix caching on, int4 KV (block-channel keys)", prompts, args.max_tokens, quant_policy=4),
+        run_engine(
+            "prefix caching on, int4 KV (token keys)", prompts, args.max_tokens, quant_policy=4, kv_int4_layout="token"
+        ),
     ]
     if not args.skip_hf:
         hf = AutoModelForCausalLM.from_pretrained(source.weights_dir, dtype=torch.float32, local_files_only=True).eval()

@@ -24,7 +24,7 @@ MAX_NEW = 16
 NUM_BLOCKS = 256
 
 
-def _engine(quant_policy: int = 0) -> LLMEngine:
+def _engine(quant_policy: int = 0, kv_int4_layout: str = "block-channel") -> LLMEngine:
     # Compared with transformers in float32: the exact path.
     return LLMEngine(
         EngineConfig(
@@ -33,6 +33,7 @@ def _engine(quant_policy: int = 0) -> LLMEngine:
             quant_policy=quant_policy,
             dtype="float32",
             weight_quant=None,
+            kv_int4_layout=kv_int4_layout,  # type: ignore[arg-type]
         )
     )
 
@@ -100,24 +101,28 @@ def _free_running_agreement(got: list[list[int]], reference: list[list[int]]) ->
 
 
 # Floors on teacher-forced agreement. Measured on these prompts (CPU, torch path): int8 0.99
-# (free-running 0.92), int4 0.85 (free-running 0.40: once a continuation diverges nothing after
-# it counts). int4 with per-token keys is far lossier, as DESIGN.md's perplexity figures say.
-FLOORS = {8: 0.9, 4: 0.75}
+# (free-running 0.92); int4 with block-channel keys (the default) 0.94 (free-running 0.55);
+# int4 with per-token keys 0.875 (free-running 0.43: once a continuation diverges nothing after
+# it counts). Per-token int4 keys lose most to outlier key channels.
+FLOORS = {(8, "token"): 0.9, (4, "token"): 0.75, (4, "block-channel"): 0.9}
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(("bits", "layout"), [(8, "token"), (4, "block-channel"), (4, "token")])
 def test_quantized_greedy_agreement(
-    engine: LLMEngine, reference: list[list[int]], bits: int
+    engine: LLMEngine, reference: list[list[int]], bits: int, layout: str
 ) -> None:
-    quantized = _engine(bits)
+    quantized = _engine(bits, layout)
     prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
     agreement = _teacher_forced_agreement(quantized, prompts, reference)
     got = quantized.generate(
         PROMPTS, SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True), use_tqdm=False
     )
     free = _free_running_agreement([o.token_ids for o in got], reference)
-    print(f"quant_policy {bits}: teacher-forced agreement {agreement:.3f}, free-running {free:.3f}")
-    assert agreement >= FLOORS[bits]
+    print(
+        f"quant_policy {bits} ({layout}): teacher-forced agreement {agreement:.3f}, "
+        f"free-running {free:.3f}"
+    )
+    assert agreement >= FLOORS[bits, layout]
     quantized.check_invariants()
 
 

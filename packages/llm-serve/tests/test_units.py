@@ -199,3 +199,18 @@ def test_served_model_name() -> None:
     assert served_model_name("/m/SmolLM2.Q4_1.gguf") == "SmolLM2.Q4_1"
     with pytest.raises(ValueError):
         ServerSettings(model_name="m", max_queue=0)
+
+
+def test_kv_int4_layout_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = engine_args.engine_config_from_args(
+        _serve_args("--quant-policy", "4", "--kv-int4-layout", "token"), None
+    )
+    assert (cfg.quant_policy, cfg.kv_int4_layout) == (4, "token")
+    assert engine_args.engine_config_from_args(_serve_args(), None).kv_int4_layout == (
+        "block-channel"
+    )
+    with pytest.raises(SystemExit):
+        _serve_args("--kv-int4-layout", "channel")
+    with pytest.raises(SystemExit):
+        _serve_args("--help")
+    assert "--kv-int4-layout {block-channel,token}" in " ".join(capsys.readouterr().out.split())

@@ -161,6 +161,8 @@ def write(
     _check_device("slot_mapping", slot_mapping, cache)
     if k.shape[0] == 0:
         return
+    if cache.rotates_values:
+        v = (v.to(torch.float32) @ cache.value_rotation()).to(cache.dtype)
     if resolve_backend(backend, cache.k[0].device) == "torch":
         write_torch(cache, layer, k, v, slot_mapping)
     else:
@@ -283,9 +285,13 @@ def attention(
         if plan is None:
             plan = plan_for(cache, block_tables, seq_lens, query_lens, num_heads, "torch")
             assert plan is not None
-        return attention_torch(q, cache, layer, plan, float(softmax_scale))
-    from .triton_kernels import attention_triton  # imported late: triton reads its env at import
+        out = attention_torch(q, cache, layer, plan, float(softmax_scale))
+    else:
+        from .triton_kernels import attention_triton  # late: triton reads its env at import
 
-    return attention_triton(
-        q, cache, layer, block_tables, seq_lens, query_lens, float(softmax_scale)
-    )
+        out = attention_triton(
+            q, cache, layer, block_tables, seq_lens, query_lens, float(softmax_scale)
+        )
+    if cache.rotates_values:  # stored values are v @ R; R is its own inverse
+        out = (out.to(torch.float32) @ cache.value_rotation()).to(q.dtype)
+    return out

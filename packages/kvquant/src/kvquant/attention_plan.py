@@ -36,6 +36,9 @@ class GroupPlan:
     every key (a single decode token over its whole sequence) or when ``causal``: one
     sequence whose queries are all its tokens (a fresh prefill), where the fused kernel's own
     causal masking applies (and skips the masked half of the work).
+    ``open_keys``: flat indices into ``[bg * length]`` of the keys in each sequence's last
+    block when it is partial, and ``open_slots`` their cache slots (None when every block is
+    full): a block-channel cache reads those keys exactly, from the block's residual.
     """
 
     tok: torch.Tensor
@@ -48,6 +51,8 @@ class GroupPlan:
     invalid: torch.Tensor | None
     mask: torch.Tensor | None
     causal: bool = False
+    open_keys: torch.Tensor | None = None
+    open_slots: torch.Tensor | None = None
 
 
 @dataclass
@@ -175,6 +180,11 @@ def _plan_group(
     causal = len(group) == 1 and q_lens[0] == s_lens[0] and max_q > 1
     if (max_q == 1 and invalid is None) or causal:
         mask = None  # one query per sequence, at its last position: it sees every key
+    # Keys of a sequence's open (partial) last block: positions from its last block boundary.
+    is_open = kv_valid & (pos[None, :] >= (sl // block_size * block_size)[:, None])
+    open_flat = is_open.reshape(-1).nonzero().squeeze(1)
+    open_keys = open_flat if open_flat.numel() else None
+    open_slots = slots.reshape(-1)[open_flat] if open_keys is not None else None
     return GroupPlan(
         tok=tok,
         q_valid=q_valid,
@@ -186,6 +196,8 @@ def _plan_group(
         invalid=invalid,
         mask=mask,
         causal=causal,
+        open_keys=open_keys,
+        open_slots=open_slots,
     )
 
 

@@ -23,9 +23,11 @@ __all__ = [
     "check_quantize_args",
     "code_dim",
     "dequantize",
+    "dequantize_channels",
     "pack_int4",
     "qmax",
     "quantize",
+    "quantize_channels",
     "scale_zero_dtype",
     "unpack_int4",
 ]
@@ -172,6 +174,69 @@ def dequantize(
     s = scale_zero[..., 0:1].to(torch.float32)
     m = scale_zero[..., 1:2].to(torch.float32)
     out = q.to(torch.float32) * s + m
+    if dtype == torch.float16:
+        fmax = torch.finfo(torch.float16).max
+        out = out.clamp_(-fmax, fmax)
+    return out.to(dtype)
+
+
+def quantize_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 codes of ``x[..., N, H, D]`` with one ``(scale, min)`` per (head, channel) over
+    the ``N`` tokens (the block-channel key layout: ``N`` is a block's tokens).
+
+    The same formula as :func:`quantize`, over dimension ``-3`` instead of the last one.
+
+    Returns:
+        ``(codes, scale_zero)``: codes uint8 ``[..., N, H, D/2]`` packed as bits 4 (channel
+        ``d`` low nibble, ``d + D/2`` high nibble); ``scale_zero`` ``[..., H, D, 2]``, float16
+        for float16 ``x`` and float32 otherwise.
+
+    Raises:
+        ValueError: non-floating ``x``, fewer than 3 dimensions, empty or odd ``D``.
+    """
+    check_quantize_args(x, 4)
+    if x.dim() < 3 or x.shape[-3] == 0:
+        raise ValueError(
+            f"quantize_channels expects [..., N, H, D] with N >= 1, got {tuple(x.shape)}"
+        )
+    xf = x.to(torch.float32)
+    lo = xf.amin(dim=-3)
+    hi = xf.amax(dim=-3)
+    scale = torch.clamp((hi - lo) / 15, min=EPS)
+    scale_zero = torch.stack([scale, lo], dim=-1).to(scale_zero_dtype(x.dtype))
+    s = scale_zero[..., 0].to(torch.float32).unsqueeze(-3)  # [..., 1, H, D]
+    m = scale_zero[..., 1].to(torch.float32).unsqueeze(-3)
+    q = ((xf - m) / s + 0.5).clamp_(0.0, 15.0).to(torch.uint8)
+    return pack_int4(q), scale_zero
+
+
+def dequantize_channels(
+    codes: torch.Tensor, scale_zero: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_channels`: ``[..., N, H, D]`` in ``dtype`` (computed in
+    float32; a float16 result is clamped to the float16 range).
+
+    Raises:
+        ValueError: wrong dtypes or shapes that do not match.
+    """
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8 or codes.dim() < 3:
+        raise ValueError("codes must be a uint8 tensor [..., N, H, D/2]")
+    lead, heads, half = codes.shape[:-3], codes.shape[-2], codes.shape[-1]
+    if not isinstance(scale_zero, torch.Tensor) or scale_zero.dtype not in (
+        torch.float16,
+        torch.float32,
+    ):
+        raise ValueError("scale_zero must be a float16 or float32 tensor")
+    if scale_zero.shape != (*lead, heads, 2 * half, 2):
+        raise ValueError(
+            f"scale_zero shape {tuple(scale_zero.shape)} does not match codes "
+            f"{tuple(codes.shape)}: expected {(*lead, heads, 2 * half, 2)}"
+        )
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype must be floating, got {dtype}")
+    s = scale_zero[..., 0].to(torch.float32).unsqueeze(-3)
+    m = scale_zero[..., 1].to(torch.float32).unsqueeze(-3)
+    out = unpack_int4(codes).to(torch.float32) * s + m
     if dtype == torch.float16:
         fmax = torch.finfo(torch.float16).max
         out = out.clamp_(-fmax, fmax)

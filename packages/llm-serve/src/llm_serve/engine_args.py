@@ -16,7 +16,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from paged_engine import EngineConfig
-from paged_engine.config import DTYPES, EVICTION_POLICIES, QUANT_POLICIES, WEIGHT_QUANT_CHOICES
+from paged_engine.config import (
+    DTYPES,
+    EVICTION_POLICIES,
+    KV_INT4_LAYOUTS,
+    QUANT_POLICIES,
+    WEIGHT_QUANT_CHOICES,
+)
 
 __all__ = ["ENGINE_FLAG_CHOICES", "ENGINE_FLAG_HELP", "add_engine_args", "engine_config_from_args"]
 
@@ -30,6 +36,9 @@ ENGINE_FLAG_HELP: Mapping[str, str] = {
     "none (weights as loaded)",
     "block_size": "tokens per KV block (a power of two)",
     "quant_policy": "KV cache quantization: 0 (none), 8 (int8) or 4 (int4)",
+    "kv_int4_layout": "int4 key layout under --quant-policy 4: block-channel (the default: keys "
+    "per block and channel, the open block exact; keeps quality) or token (per token, "
+    "LMDeploy's layout; more capacity)",
     "enable_prefix_caching": "reuse the KV blocks of already computed prompt prefixes",
     "cache_size_limit": "fraction of free memory given to KV blocks, in (0, 1] (default: 0.8 of "
     "free GPU memory; on CPU 0.5 of available RAM, at most 4 GiB)",
@@ -56,6 +65,7 @@ ENGINE_FLAG_CHOICES: Mapping[str, tuple[Any, ...]] = {
     "eviction_policy": EVICTION_POLICIES,
     "dtype": ("auto", *DTYPES),
     "weight_quant": WEIGHT_QUANT_CHOICES,
+    "kv_int4_layout": KV_INT4_LAYOUTS,
 }
 
 _SKIP = frozenset({"model"})

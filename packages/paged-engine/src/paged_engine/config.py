@@ -6,7 +6,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import InitVar, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -72,6 +72,7 @@ def resolve_aliases(
                 )
             out[name] = value
     return out
+KV_INT4_LAYOUTS = ("block-channel", "token")
 
 
 @dataclass
@@ -107,6 +108,12 @@ class EngineConfig:
     id. LMDeploy's ``cache_max_entry_count``, ``session_len`` and ``max_prefill_token_num`` are
     accepted for ``cache_size_limit``, ``max_model_len`` and ``max_num_batched_tokens``, and
     ``tp`` (tensor parallelism) only as 1.
+
+    ``kv_int4_layout`` (used with ``quant_policy=4``): ``"block-channel"`` (default) quantizes
+    keys per block, head and channel when a block fills and keeps each running sequence's open
+    block exact (a full-precision residual); ``"token"`` quantizes keys per token and head, as
+    values (LMDeploy's int4 layout). Block-channel keeps quality (outlier key channels no longer
+    widen every token's range) at ~3.0x float16 capacity at block 16 instead of ~3.6x.
     """
 
     model: str = "default"
@@ -128,6 +135,7 @@ class EngineConfig:
     kv_disk_dir: str | None = None
     kv_disk_size_limit: int | None = None
     revision: str | None = None
+    kv_int4_layout: Literal["block-channel", "token"] = "block-channel"
     # LMDeploy's names, accepted for the fields in ``LMDEPLOY_ENGINE_NAMES`` (not stored).
     cache_max_entry_count: InitVar[float | None] = None
     session_len: InitVar[int | None] = None
@@ -179,6 +187,12 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.quant_policy must be 0 (no KV quantization), 8 (int8) or 4 (int4), "
                 f"got {self.quant_policy!r}"
+            )
+        if self.kv_int4_layout not in KV_INT4_LAYOUTS:
+            raise ValueError(
+                f"EngineConfig.kv_int4_layout must be 'block-channel' (int4 keys per block and "
+                f"channel, the default) or 'token' (per token, LMDeploy's layout), got "
+                f"{self.kv_int4_layout!r}"
             )
         if self.cache_size_limit is not None:
             if isinstance(self.cache_size_limit, bool) or not isinstance(
@@ -338,6 +352,11 @@ class EngineConfig:
                 f"length {model_max_len}; lower it or leave it unset"
             )
         return self.max_model_len
+
+    def kv_cache_layout(self) -> str:
+        """The ``kvquant`` int4 layout the cache uses: ``kv_int4_layout`` under quant_policy 4,
+        else ``"token"`` (bits 0 and 8 have one layout)."""
+        return self.kv_int4_layout if self.quant_policy == 4 else "token"
 
     def kv_budget_bytes(self, device: torch.device) -> int:
         """Bytes given to KV blocks when ``num_blocks`` is not set.

@@ -47,7 +47,9 @@ def per_block_tensors(cache: kvquant.KVCache) -> list[tuple[str, torch.Tensor]]:
     new quantization layout) is saved and restored without a change here."""
     out: list[tuple[str, torch.Tensor]] = []
     for name, value in sorted(vars(cache).items()):
-        if name.startswith("_") or not isinstance(value, (list, tuple)):
+        # The block-channel key residual is indexed by residual slot, not block (a slot count
+        # may equal num_blocks): it holds open blocks only, never a cached one.
+        if name.startswith("_") or name == "k_residual" or not isinstance(value, (list, tuple)):
             continue
         for layer, t in enumerate(value):
             if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == cache.num_blocks:

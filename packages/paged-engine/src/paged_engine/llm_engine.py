@@ -18,6 +18,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .disk_store import DiskBlockStore
 from .disk_tier import DiskTier, kv_format
+from .kv_residual import ResidualSlots
 from .model_loader import LoadedModel, load_model, resolve_model
 from .model_runner import ModelRunner, StepLogits
 from .outputs import EngineStats, FinishReason, RequestOutput
@@ -87,6 +88,9 @@ class LLMEngine:
         self.eos_token_ids = self.loaded.eos_token_ids
 
         mc = self.model_config
+        layout = config.kv_cache_layout()
+        # Block-channel int4 keys: one exact residual block per sequence that may run at once.
+        residual_slots = config.resolved_max_batch_size() if layout == "block-channel" else 0
         if config.num_blocks is not None:
             self.kv_cache = kvquant.KVCache(
                 num_layers=mc.num_layers,
@@ -97,6 +101,8 @@ class LLMEngine:
                 bits=config.quant_policy,
                 dtype=self.dtype,
                 device=self.device,
+                int4_layout=layout,
+                residual_slots=residual_slots,
             )
         else:
             # Measured after the weights are loaded; raises ValueError with the bytes one block
@@ -110,8 +116,11 @@ class LLMEngine:
                 bits=config.quant_policy,
                 dtype=self.dtype,
                 device=self.device,
+                int4_layout=layout,
+                residual_slots=residual_slots,
             )
         num_blocks = int(self.kv_cache.num_blocks)
+        self.residuals = ResidualSlots(self.kv_cache) if self.kv_cache.block_channel else None
         index = (
             PrefixIndex(config.block_size, policy=config.eviction_policy, ttl=config.cache_ttl)
             if config.enable_prefix_caching
@@ -328,6 +337,8 @@ class LLMEngine:
         self.block_pool.expire()  # O(expired): idle cached blocks go even without pressure
         self._load_from_disk()  # before scheduling: admission then finds those blocks in memory
         scheduled = self.scheduler.schedule().scheduled
+        if self.residuals is not None:  # before the forward pass writes any key
+            self.residuals.assign(scheduled, self.scheduler.running)
         if not scheduled:
             self._flush_cache_events()
             return outputs
