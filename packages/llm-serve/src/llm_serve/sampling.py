@@ -78,13 +78,4 @@ def sampling_params(
         name = values.get(exc.param, (exc.param,))[0]
         raise APIError(400, str(exc), param=name, code="invalid_value") from None
     except (TypeError, ValueError) as exc:
-        raise APIError(400, str(exc), param=_param_of(exc, values), code="invalid_value") from None
-
-
-def _param_of(exc: Exception, values: Mapping[str, tuple[str, Any]]) -> str | None:
-    """The request field a ``SamplingParams`` error is about (``ParamError.param``, a
-    ``SamplingParams`` field, translated to the request's name for it)."""
-    param = getattr(exc, "param", None)
-    if not isinstance(param, str):
-        return None
-    return values[param][0] if param in values else param
+        raise APIError(400, str(exc), code="invalid_value") from None
