@@ -54,13 +54,13 @@ def test_per_key_limit_counts_each_tenants_unstarted_requests(small_server: Any)
         b = engine.add(reqs("b1", 4), b"B", tenant_limit=4)  # another tenant is not affected
         assert engine.tenant_waiting(b"A") == 3 and engine.tenant_waiting(b"B") == 4
         for stream in (a, b):
-            async for _ in stream:
-                pass
+            while not stream.finished:
+                await stream.get()
         # every slot comes back once the requests have started (and finished)
         assert engine.tenant_waiting(b"A") == 0 and engine.tenant_waiting(b"B") == 0
         c = engine.add(reqs("a3", 4), b"A", tenant_limit=4)
-        async for _ in c:
-            pass
+        while not c.finished:
+            await c.get()
 
     loop = small_server.app.state.llm.loop  # the engine's outputs arrive on the server's loop
     asyncio.run_coroutine_threadsafe(run(), loop).result(60)
