@@ -126,13 +126,14 @@ def document_api(app: FastAPI, cache_reset_body: type[BaseModel], model_name: st
             return app.openapi_schema
         schema = default_openapi()
         schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
-        for (path, method), doc in routes.items():
-            operation = schema.get("paths", {}).get(path, {}).get(method)
-            if operation is None:
-                continue
-            if "requestBody" in doc:
-                operation["requestBody"] = doc["requestBody"]
-            operation["responses"] = {**doc["responses"], "default": error}
+        for path, methods in schema.get("paths", {}).items():
+            for method, operation in methods.items():
+                doc = routes.get((path, method), {})
+                if "requestBody" in doc:
+                    operation["requestBody"] = doc["requestBody"]
+                # every route answers its errors with OpenAI's error body
+                responses = doc.get("responses", operation.get("responses", {}))
+                operation["responses"] = {**responses, "default": error}
         app.openapi_schema = schema
         return schema
 
