@@ -41,21 +41,24 @@ def _completion(url: str, max_tokens: int, **kw: Any) -> httpx.Response:
 
 
 def test_429_when_the_waiting_queue_is_full(server: ServerProcess) -> None:
-    # n larger than the whole queue can never be accepted
+    # n larger than the whole queue can never be accepted: 400 (no retry can help), not 429
     r = _completion(server.url, 4, n=2)
-    assert r.status_code == 429, r.text
+    assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert err["code"] == "queue_full" and "queue" in err["message"]
+    assert err["code"] == "too_many_choices" and "--max-queue" in err["message"]
     assert set(err) == {"message", "type", "param", "code"}
 
-    # 2 run, 1 waits, the rest are turned away
+    # 2 run, 1 waits, the rest are turned away, told when to retry
     results: list[int] = []
     lock = threading.Lock()
 
     def send() -> None:
-        status = _completion(server.url, 300).status_code
+        r = _completion(server.url, 300)
+        if r.status_code == 429:
+            assert r.json()["error"]["code"] == "queue_full"
+            assert int(r.headers["retry-after"]) >= 1
         with lock:
-            results.append(status)
+            results.append(r.status_code)
 
     threads = [threading.Thread(target=send) for _ in range(8)]
     for t in threads:
@@ -90,9 +93,9 @@ def test_sigterm_finishes_in_flight_aborts_late_and_exits_cleanly(server: Server
         outcome[name] = "\n".join(text)
 
     short_started, long_started = threading.Event(), threading.Event()
-    # the short one needs ~0.1 s, the long one (up to the model's 4096 positions) several s
+    # the short one needs ~0.1 s, the long one (4000 tokens, most of the 4096 positions) several s
     short = threading.Thread(target=stream, args=("short", 40, short_started))
-    long = threading.Thread(target=stream, args=("long", 5000, long_started))
+    long = threading.Thread(target=stream, args=("long", 4000, long_started))
     long.start()
     assert long_started.wait(30)
     short.start()

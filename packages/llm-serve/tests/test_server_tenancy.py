@@ -19,6 +19,7 @@ ServerProcess = Any  # conftest.ServerProcess
 
 KEY_A = "sk-tenant-alpha-7f3a9c"
 KEY_B = "sk-tenant-bravo-19e2d4"  # given through the environment
+KEY_ADMIN = "sk-admin-5d1e0b"
 MAX_BYTES = 64 * 1024
 # byte tokenizer: one token per byte; 80 tokens = 5 full blocks of 16
 PROMPT = "The quick brown fox jumps over the lazy dog again and again, all day long, ok?"
@@ -39,6 +40,8 @@ def server(tiny_model: str, start_server: Any) -> Iterator[ServerProcess]:
                 "512",
                 "--api-key",
                 KEY_A,
+                "--admin-api-key",
+                KEY_ADMIN,
                 "--max-request-bytes",
                 str(MAX_BYTES),
             ]
@@ -63,7 +66,7 @@ def _cached(data: dict[str, Any]) -> int:
     return int(data["usage"]["prompt_tokens_details"]["cached_tokens"])
 
 
-def _metrics(server: ServerProcess, key: str = KEY_A) -> dict[str, float]:
+def _metrics(server: ServerProcess, key: str = KEY_ADMIN) -> dict[str, float]:
     r = httpx.get(f"{server.url}/metrics", headers=_auth(key), timeout=30)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/plain")
@@ -133,7 +136,7 @@ def test_cache_reset_empties_only_the_callers_namespace(server: ServerProcess) -
 
 
 def test_cache_stats_json(server: ServerProcess) -> None:
-    r = httpx.get(f"{server.url}/v1/cache/stats", headers=_auth(KEY_B), timeout=30)
+    r = httpx.get(f"{server.url}/v1/cache/stats", headers=_auth(KEY_ADMIN), timeout=30)
     assert r.status_code == 200, r.text
     s = r.json()
     assert s["num_blocks_total"] == 512 and s["block_size"] == 16
@@ -284,3 +287,34 @@ def test_bench_reports_and_saves(server: ServerProcess, tmp_path: Path) -> None:
         env=env,
     )
     assert proc.returncode == 2 and "--api-key" in proc.stderr
+
+
+def test_tenants_do_not_see_each_others_activity(server: ServerProcess) -> None:
+    """Finding: after one request of A, B saw engine-wide tokens and cached blocks move. Now
+    /metrics is the admin's alone and B's cache stats count B's own requests only."""
+    for key in (KEY_A, KEY_B):
+        r = httpx.get(f"{server.url}/metrics", headers=_auth(key), timeout=30)
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["code"] == "admin_key_required"
+
+    def own(key: str) -> dict[str, Any]:
+        r = httpx.get(f"{server.url}/v1/cache/stats", headers=_auth(key), timeout=30)
+        assert r.status_code == 200, r.text
+        data: dict[str, Any] = r.json()
+        assert data["scope"] == "tenant"
+        assert "num_blocks_cached" not in data and "num_blocks_total" not in data
+        return data
+
+    b_before, a_before = own(KEY_B), own(KEY_A)
+    prompt = PROMPT + " private"
+    first = _complete(server, KEY_A, prompt, max_tokens=3, ignore_eos=True)
+    second = _complete(server, KEY_A, prompt, max_tokens=3, ignore_eos=True)
+    assert own(KEY_B) == b_before
+    a_after = own(KEY_A)
+    assert a_after["num_requests"] == a_before["num_requests"] + 2
+    assert a_after["prompt_tokens_total"] - a_before["prompt_tokens_total"] == 2 * len(prompt)
+    assert a_after["generation_tokens_total"] - a_before["generation_tokens_total"] == 6
+    hits = a_after["prefix_cache_hit_tokens"] - a_before["prefix_cache_hit_tokens"]
+    assert hits == _cached(first) + _cached(second) > 0
+    # the admin key is also an ordinary key with its own namespace
+    assert _cached(_complete(server, KEY_ADMIN, prompt)) == 0

@@ -72,3 +72,50 @@ def test_failed_conversion_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
         model_loader.convert_gguf(_fake_gguf(tmp_path))
     leftovers = [p.name for p in (tmp_path / "cache" / "converted").iterdir()]
     assert all(name.endswith(".lock") for name in leftovers)
+
+
+def test_a_killed_conversion_is_cleaned_up_on_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGKILL mid-conversion leaves its temporary folder; the next conversion removes it
+    (and those of other models whose process is gone), but never a live process's."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("PAGED_ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = _fake_gguf(tmp_path)
+    converted = tmp_path / "cache" / "converted"
+    converted.mkdir(parents=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
+
+    calls: list[Path] = []
+
+    def fake_write(gguf_path: Path, out: Path) -> None:
+        calls.append(out)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(model_loader, "_write_converted", fake_write)
+    target_name = model_loader.convert_gguf(gguf).name
+    # Simulate the leftovers of killed runs: this model's, another model's (dead process),
+    # and a live process's conversion of another model, which must stay.
+    import shutil
+
+    shutil.rmtree(converted / target_name)
+    own = converted / f".{target_name}.tmp-{dead_pid}-deadbeef"
+    other = converted / f".other-1234.tmp-{dead_pid}-cafebabe"
+    live = converted / f".other-5678.tmp-{os.getpid()}-0badf00d"
+    for d in (own, other, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    assert model_loader.convert_gguf(gguf).name == target_name
+    assert len(calls) == 2
+    assert not own.exists() and not other.exists()
+    assert live.is_dir()

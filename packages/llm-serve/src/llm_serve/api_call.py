@@ -28,6 +28,7 @@ from .async_engine import (
     QueueFullError,
 )
 from .protocol import APIError, PromptTokensDetails, UsageInfo
+from .request_checks import queue_full
 from .state import ServerState
 
 __all__ = ["ApiCall", "ResponseFormat", "json_response"]
@@ -111,9 +112,11 @@ class ApiCall:
                 index[rid] = i * n + j
                 requests.append(EngineRequest(rid, ids, p, namespace))
         try:
-            stream = state.engine.add(requests)
+            stream = state.engine.add(
+                requests, state.tenant(request), state.settings.max_queue_per_key
+            )
         except QueueFullError as exc:
-            raise APIError(429, str(exc), type="rate_limit_error", code="queue_full") from None
+            raise queue_full(str(exc)) from None
         except (EngineNotReadyError, EngineDeadError) as exc:
             raise APIError(503, str(exc), type="service_unavailable") from None
         deadline = asyncio.get_running_loop().time() + state.settings.request_timeout

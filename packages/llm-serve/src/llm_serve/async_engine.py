@@ -66,8 +66,11 @@ class OutputStream:
     engine thread dies, iteration raises ``EngineDeadError``.
     """
 
-    def __init__(self, engine: AsyncEngine, request_ids: Sequence[str]) -> None:
+    def __init__(
+        self, engine: AsyncEngine, request_ids: Sequence[str], tenant: bytes = b""
+    ) -> None:
         self._engine = engine
+        self.tenant = tenant
         self.request_ids: list[str] = list(request_ids)
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._unfinished: set[str] = set(request_ids)
@@ -102,7 +105,8 @@ class AsyncEngine:
     model) and then serves commands. ``add`` and ``abort`` may be called from the event loop at
     any time; ``add`` raises ``EngineNotReadyError`` before the model is loaded and
     ``QueueFullError`` when the requests not yet running (queued here or waiting in the
-    scheduler) would exceed ``max_queue``. ``stop`` aborts everything and joins the thread.
+    scheduler) would exceed ``max_queue``, or a tenant's waiting requests its own limit.
+    ``stop`` aborts everything and joins the thread.
     """
 
     def __init__(self, factory: Callable[[], LLMEngine], max_queue: int = 1024) -> None:
@@ -127,10 +131,15 @@ class AsyncEngine:
         # Event-loop side only:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, OutputStream] = {}
+        # Requests with no output yet (not started, as far as the loop can tell), by tenant.
+        self._unstarted: dict[str, bytes] = {}
+        self._tenant_waiting: dict[bytes, int] = {}
         self._thread: threading.Thread | None = None
         self._on_failure: Callable[[BaseException], None] | None = None
         # Called in the event loop with every request's final output (e.g. for metrics).
         self.finish_hooks: list[Callable[[RequestOutput], None]] = []
+        # The same, with the tenant given to ``add`` (e.g. for per-tenant usage).
+        self.tenant_hooks: list[Callable[[bytes, RequestOutput], None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -197,16 +206,33 @@ class AsyncEngine:
         with self._cond:
             return None if self._stats is None else dataclasses.replace(self._stats)
 
-    def add(self, requests: Sequence[EngineRequest]) -> OutputStream:
+    def tenant_waiting(self, tenant: bytes) -> int:
+        """Requests of ``tenant`` accepted that have produced no output yet (event loop only)."""
+        return self._tenant_waiting.get(tenant, 0)
+
+    def add(
+        self,
+        requests: Sequence[EngineRequest],
+        tenant: bytes = b"",
+        tenant_limit: int | None = None,
+    ) -> OutputStream:
         """Queue a group of requests atomically and return the stream of their outputs.
 
         Call from the event loop given to ``start``. Raises ``EngineNotReadyError``,
-        ``EngineDeadError`` or ``QueueFullError`` without queueing anything. A request's
-        ``arrival_time`` is now unless given, so
-        time spent queued here counts towards its queue time and time to first token.
+        ``EngineDeadError`` or ``QueueFullError`` without queueing anything; the last also when
+        ``tenant_limit`` is given and ``tenant``'s requests without output yet would exceed it
+        (a tenant is any bytes, e.g. the API key's tenant id). A request's ``arrival_time`` is
+        now unless given, so time spent queued here counts towards its queue time and time to
+        first token.
         """
         self._check_serving()
-        stream = OutputStream(self, [r.request_id for r in requests])
+        stream = OutputStream(self, [r.request_id for r in requests], tenant)
+        mine = self._tenant_waiting.get(tenant, 0)
+        if tenant_limit is not None and mine + len(requests) > tenant_limit:
+            raise QueueFullError(
+                f"this API key already has {mine} request(s) waiting (limit {tenant_limit} per "
+                f"key); retry later"
+            )
         with self._cond:
             waiting = len(self._inbox) + self._engine_waiting
             if waiting + len(requests) > self.max_queue:
@@ -219,8 +245,10 @@ class AsyncEngine:
                 if r.arrival_time is None:
                     r.arrival_time = now
                 self._streams[r.request_id] = stream
+                self._unstarted[r.request_id] = tenant
             self._inbox.extend(requests)
             self._cond.notify_all()
+        self._tenant_waiting[tenant] = mine + len(requests)
         return stream
 
     async def call(self, fn: Callable[[LLMEngine], _T]) -> _T:
@@ -366,6 +394,7 @@ class AsyncEngine:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
+            self._started(out.request_id)
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
@@ -376,11 +405,28 @@ class AsyncEngine:
                         hook(out)
                     except Exception:
                         logger.exception("a finish hook failed")
+                for tenant_hook in self.tenant_hooks:
+                    try:
+                        tenant_hook(stream.tenant, out)
+                    except Exception:
+                        logger.exception("a finish hook failed")
             stream._put(out)
+
+    def _started(self, request_id: str) -> None:
+        tenant = self._unstarted.pop(request_id, None)
+        if tenant is None:
+            return
+        left = self._tenant_waiting[tenant] - 1
+        if left:
+            self._tenant_waiting[tenant] = left
+        else:
+            del self._tenant_waiting[tenant]
 
     def _fail_all(self, exc: BaseException) -> None:
         streams = set(self._streams.values())
         self._streams.clear()
+        self._unstarted.clear()
+        self._tenant_waiting.clear()
         for stream in streams:
             stream._put(exc)
         with self._cond:

@@ -37,7 +37,8 @@ def cache_router() -> APIRouter:
     """``GET /v1/cache/stats``, ``POST /v1/cache/reset`` and ``POST /v1/cache/persist``.
 
     The stats are engine-wide (all tenants together), taken on the engine thread between two
-    steps. The reset drops the unreferenced cached blocks of the caller's namespace: with API
+    steps, for a server without API keys and for the admin key; any other key gets its own
+    requests' counters (``tenant_usage``), never the engine's. The reset drops the unreferenced cached blocks of the caller's namespace: with API
     keys, ``xxh3_128(key) + cache_salt`` for the body's ``cache_salt`` (default empty), so a
     tenant resets one of its namespaces at a time and never another tenant's; without keys,
     the namespace of the given ``cache_salt``, or every namespace when none is given. Blocks
@@ -50,6 +51,11 @@ def cache_router() -> APIRouter:
     @router.get("/v1/cache/stats")
     async def cache_stats(request: Request) -> Response:
         state = get_state(request)
+        if not state.is_admin(request):  # another key sees its own counters, never the engine's
+            state.check_available()
+            assert state.usage is not None
+            own = state.usage.of(state.tenant(request)).as_dict()
+            return JSONResponse({"scope": "tenant", **own})
         stats: EngineStats = await _engine_call(state, lambda engine: engine.stats())
         block_size = state.engine.engine.config.block_size
         rate = {"prefix_cache_hit_rate": stats.prefix_cache_hit_rate, "block_size": block_size}

@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .engine_args import add_engine_args, engine_config_from_args
-from .state import DEFAULT_MAX_REQUEST_BYTES
+from .state import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_REQUEST_BYTES,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -118,6 +124,49 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         f"[default: {DEFAULT_MAX_REQUEST_BYTES}]",
     )
     srv.add_argument(
+        "--admin-api-key",
+        default=None,
+        metavar="KEY",
+        help="a key that may also read /metrics and the engine-wide /v1/cache/stats (other "
+        "keys see only their own cache figures); implies API keys. Also read from "
+        "LLM_SERVE_ADMIN_API_KEY [default: none]",
+    )
+    srv.add_argument(
+        "--max-queue-per-key",
+        type=_positive_int,
+        default=None,
+        help="most requests one API key may have waiting (without keys: all clients "
+        "together); beyond it that key gets 429 [default: no per-key limit]",
+    )
+    srv.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="most open connections and requests in progress; beyond it requests are "
+        f"answered 503 at once [default: {DEFAULT_MAX_CONNECTIONS}]",
+    )
+    srv.add_argument(
+        "--header-timeout",
+        type=_positive_float,
+        default=DEFAULT_HEADER_TIMEOUT,
+        help="seconds a connection may take to send a request's headers before it is closed "
+        f"[default: {DEFAULT_HEADER_TIMEOUT:g}]",
+    )
+    srv.add_argument(
+        "--body-timeout",
+        type=_positive_float,
+        default=DEFAULT_BODY_TIMEOUT,
+        help="seconds a request body may take to arrive before it is answered 408 "
+        f"[default: {DEFAULT_BODY_TIMEOUT:g}]",
+    )
+    srv.add_argument(
+        "--cap-max-tokens",
+        action="store_true",
+        help="when max_tokens does not fit in the context after the prompt, generate up to "
+        "the context's end (finish_reason 'length') instead of answering 400 "
+        "context_length_exceeded [default: off]",
+    )
+    srv.add_argument(
         "--log-stats-interval",
         type=_non_negative_float,
         default=DEFAULT_LOG_STATS_INTERVAL,
@@ -153,11 +202,14 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _serve(args: argparse.Namespace) -> int:
     from .server import build_app, run_server
     from .state import ServerSettings, served_model_name
-    from .tenancy import keys_from_env, validate_api_key
+    from .tenancy import ADMIN_KEY_ENV, keys_from_env, validate_api_key
 
     try:
         config = engine_config_from_args(args, _model(args))
         keys = [validate_api_key(k, "--api-key") for k in args.api_key] + keys_from_env()
+        admin = args.admin_api_key or os.environ.get(ADMIN_KEY_ENV) or None
+        if admin is not None:
+            validate_api_key(admin, "--admin-api-key")
     except (TypeError, ValueError) as exc:
         print(f"llm-serve serve: error: {exc}", file=sys.stderr)
         return 2
@@ -183,6 +235,12 @@ def _serve(args: argparse.Namespace) -> int:
         api_keys=tuple(keys),
         max_request_bytes=args.max_request_bytes,
         log_interval=args.log_stats_interval,
+        max_queue_per_key=args.max_queue_per_key,
+        admin_api_key=admin,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
+        cap_max_tokens=args.cap_max_tokens,
     )
     logging.getLogger(__name__).info(
         "API keys: %s", f"{len(settings.api_keys)} configured" if settings.api_keys else "none"

@@ -28,6 +28,7 @@ from .protocol import (
     TopLogprob,
     UsageInfo,
 )
+from .token_bytes import token_bytes
 
 __all__ = ["ChatFormat", "CompletionFormat"]
 
@@ -57,6 +58,14 @@ class _Format:
                     [(tok.decode([t]), float(v)) for t, v in ranked],
                 )
             )
+        return rows
+
+    def _token_ids(self, out: RequestOutput, start: int) -> list[tuple[int, list[int]]]:
+        """The ids behind ``_token_logprobs``' rows: each token's and its alternatives'."""
+        rows: list[tuple[int, list[int]]] = []
+        for tid, entry in zip(out.token_ids[start:], (out.logprobs or [])[start:], strict=False):
+            ranked = sorted(entry.items(), key=lambda kv: -kv[1])[: self.top_logprobs or 0]
+            rows.append((tid, [t for t, _ in ranked]))
         return rows
 
     def opening(self, num_choices: int) -> Sequence[BaseModel]:
@@ -132,13 +141,17 @@ class ChatFormat(_Format):
                 ChatTokenLogprob(
                     token=text,
                     logprob=logprob,
-                    bytes=list(text.encode("utf-8")),
+                    bytes=list(token_bytes(self.tokenizer, tid)),
                     top_logprobs=[
-                        TopLogprob(token=t, logprob=v, bytes=list(t.encode("utf-8")))
-                        for t, v in top
+                        TopLogprob(
+                            token=t, logprob=v, bytes=list(token_bytes(self.tokenizer, t_id))
+                        )
+                        for (t, v), t_id in zip(top, top_ids, strict=True)
                     ],
                 )
-                for text, logprob, top in self._token_logprobs(out, start)
+                for (text, logprob, top), (tid, top_ids) in zip(
+                    self._token_logprobs(out, start), self._token_ids(out, start), strict=True
+                )
             ]
         )
 

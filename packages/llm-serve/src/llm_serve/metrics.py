@@ -202,6 +202,7 @@ def metrics_router() -> APIRouter:
     @router.get("/metrics")
     async def metrics(request: Request) -> Response:
         state = get_state(request)
+        state.check_admin(request, "/metrics")
         if state.metrics is None:
             raise APIError(404, "metrics are not enabled on this server", type="not_found_error")
         return Response(content=state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -30,6 +30,7 @@ from .protocol import (
     parse_request,
     unsupported_fields,
 )
+from .request_checks import check_admissible, check_context_length, check_stream_options
 from .sampling import request_sampling_values, sampling_params
 from .state import ServerState, get_state
 
@@ -47,23 +48,30 @@ def openai_router() -> APIRouter:
     async def list_models(request: Request) -> Response:
         state = get_state(request)
         max_len = state.engine.engine.max_model_len if state.engine.ready else None
-        card = ModelCard(
-            id=state.settings.model_name, root=state.engine_model_spec, max_model_len=max_len
-        )
+        name = state.settings.model_name  # never the model's path
+        card = ModelCard(id=name, root=name, max_model_len=max_len)
         return json_response(ModelList(data=[card]))
 
     @router.post("/v1/completions")
     async def create_completion(request: Request) -> Response:
         state, req = await parse_call(request, CompletionRequest)
         _check_sampling(req)
+        check_stream_options(req)
         n = req.n or 1
         if req.best_of is not None and req.best_of != n:
             _unsupported("best_of", "only best_of == n (or unset) is supported")
         if req.echo:
             _unsupported("echo")
-        params = sampling_params(request_sampling_values(req), defaults={"max_tokens": 16})
+        values = request_sampling_values(req)
+        params = sampling_params(values, defaults={"max_tokens": 16})
         engine = state.engine.engine
-        token_ids = await asyncio.to_thread(_check_prompts, engine, as_batch(req.prompt), "prompt")
+        prompts = as_batch(req.prompt)
+        check_admissible(len(prompts) * n, n, state.settings)
+        token_ids = await asyncio.to_thread(_check_prompts, engine, prompts, "prompt")
+        lens = [len(t) for t in token_ids]
+        check_context_length(
+            lens, values, _context(engine), "prompt", state.settings.cap_max_tokens
+        )
         call = ApiCall.start(state, request, "cmpl", token_ids, params, n, req.cache_salt or "")
         fmt = CompletionFormat(call.api_id, req.model, engine.tokenizer, params.logprobs)
         return await call.respond(fmt, bool(req.stream), _include_usage(req))
@@ -72,13 +80,17 @@ def openai_router() -> APIRouter:
     async def create_chat_completion(request: Request) -> Response:
         state, req = await parse_call(request, ChatCompletionRequest)
         _check_sampling(req)
+        check_stream_options(req)
         engine = state.engine.engine
-        params = sampling_params(
-            request_sampling_values(req), defaults={"max_tokens": engine.max_model_len}
-        )
+        values = request_sampling_values(req)
+        params = sampling_params(values, defaults={"max_tokens": engine.max_model_len})
+        check_admissible(req.n or 1, req.n or 1, state.settings)
         messages, options = chat_messages(req.messages), req.template_options()
-        ids = await asyncio.to_thread(chat_prompt, engine, messages, options)
+        ids = await asyncio.to_thread(chat_prompt, state, messages, options)
         token_ids = await asyncio.to_thread(_check_prompts, engine, [ids], "messages")
+        check_context_length(
+            [len(ids)], values, _context(engine), "messages", state.settings.cap_max_tokens
+        )
         call = ApiCall.start(
             state, request, "chatcmpl", token_ids, params, req.n or 1, req.cache_salt or ""
         )
@@ -184,11 +196,21 @@ def _check_prompts(engine: LLMEngine, prompts: Sequence[Prompt], param: str) -> 
     return out
 
 
+def _context(engine: LLMEngine) -> int:
+    """Most tokens one sequence may hold: the model's context, or less if the KV pool is
+    smaller."""
+    return min(engine.max_model_len, int(getattr(engine, "max_seq_len", engine.max_model_len)))
+
+
 def chat_prompt(
-    engine: LLMEngine, messages: list[dict[str, Any]], options: dict[str, Any]
+    state: ServerState, messages: list[dict[str, Any]], options: dict[str, Any]
 ) -> list[int]:
-    """``engine.chat_prompt`` with a template failure as a 400 naming ``messages``."""
+    """The chat's token ids (``LLMEngine.chat_prompt``'s options), with special tokens typed
+    in the messages kept as text (``chat_encoding``); a template failure is a 400 naming
+    ``messages``."""
     try:
-        return engine.chat_prompt(messages, **options)
-    except ValueError as exc:
-        raise APIError(400, str(exc), param="messages") from None
+        return state.chat_encoder().encode(messages, **options)
+    except Exception as exc:  # templates raise anything (jinja errors, their own checks)
+        raise APIError(
+            400, f"this model's chat template cannot format these messages: {exc}", param="messages"
+        ) from None

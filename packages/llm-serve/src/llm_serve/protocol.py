@@ -9,8 +9,9 @@ anything else is rejected rather than ignored.
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -19,6 +20,17 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     ValidationError,
     model_serializer,
+)
+
+from .limits import (
+    MAX_INT32,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    SEED_MAX,
+    SEED_MIN,
 )
 
 __all__ = [
@@ -75,6 +87,7 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -82,6 +95,7 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers  # extra response headers, e.g. Retry-After on a 429
 
     def body(self) -> ErrorResponse:
         return ErrorResponse(
@@ -94,12 +108,16 @@ def parse_request(model: type[_M], raw: bytes) -> _M:
     try:
         return model.model_validate_json(raw or b"", strict=True)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
+        errors = exc.errors(include_url=False)
+        err = errors[0]
         if err["type"] in ("json_invalid", "json_type"):
-            raise APIError(
-                400, f"the request body is not valid JSON: {err['msg']}", code="invalid_json"
-            ) from None
-        loc = ".".join(str(p) for p in err["loc"])
+            raise APIError(400, _json_error_message(err["msg"]), code="invalid_json") from None
+        # A field that takes one of several shapes (``stop``: a string or a list) fails once
+        # per shape; the error that got deepest into the value says what is wrong with it.
+        err = max(
+            errors, key=lambda e: (len(_field_path(e["loc"])), not e["type"].endswith("_type"))
+        )
+        loc = _param_name(_field_path(err["loc"]))
         if not loc:
             raise APIError(400, f"the request body must be a JSON object: {err['msg']}") from None
         kind = "missing_required_parameter" if err["type"] == "missing" else "invalid_value"
@@ -108,15 +126,52 @@ def parse_request(model: type[_M], raw: bytes) -> _M:
         else:
             msg = f"invalid value for '{loc}': {err['msg']}"
             if "input" in err and not isinstance(err["input"], (dict, list)):
-                msg += f" (got {err['input']!r})"
+                shown = repr(err["input"])
+                msg += f" (got {shown[:80] + '...' if len(shown) > 80 else shown})"
         raise APIError(400, msg, param=loc, code=kind) from None
+
+
+def _field_path(loc: tuple[int | str, ...]) -> list[int | str]:
+    """``loc`` without the tags pydantic adds for the members of a union (``str``,
+    ``list[str]``, ``constrained-str``): field names and list indices only."""
+    return [p for p in loc if isinstance(p, int) or not ("[" in p or "-" in p or p in _UNION_TAGS)]
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _param_name(path: list[int | str]) -> str:
+    """``['messages', 0, 'role']`` -> ``messages[0].role``."""
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out
+
+
+def _json_error_message(msg: str) -> str:
+    """A readable message for a JSON syntax error; a lone UTF-16 surrogate escape (such as
+    ``"\\ud800"`` without its pair) is named as such, not as a truncated escape."""
+    if "hex escape" in msg or "surrogate" in msg:
+        where = re.search(r"line \d+ column \d+", msg)
+        return (
+            "the request body is not valid JSON: a \\u escape"
+            + (f" at {where.group(0)}" if where else "")
+            + " is an unpaired UTF-16 surrogate (\\ud800-\\udfff must come as a high-low "
+            "pair); such a string is not text"
+        )
+    return f"the request body is not valid JSON: {msg}"
 
 
 # -- requests -------------------------------------------------------------------------------------
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Infinity and NaN (which Python's JSON accepts) are not numbers any field can take.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+_StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+_TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
 
 
 class StreamOptions(_Request):
@@ -156,20 +211,24 @@ class _SamplingFields(_Request):
     """Fields shared by both endpoints; each maps onto ``SamplingParams`` (see sampling.py)."""
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_INT32)
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_INT32)
     min_p: float | None = Field(default=None, ge=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    stop: (
+        Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]
+        | Annotated[list[_StopString], Field(max_length=MAX_STOP_STRINGS)]
+        | None
+    ) = None
+    stop_token_ids: Annotated[list[_TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool | None = None
     include_stop_str_in_output: bool | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0)
-    n: int | None = Field(default=None, ge=1, le=128)
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -185,18 +244,18 @@ class CompletionRequest(_SamplingFields):
     or a list of token-id lists (a batch: choice ``i * n + j`` is prompt i's j-th sample)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = None
-    best_of: int | None = Field(default=None, ge=1)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
 
 
 class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_INT32)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
 
 class TokenizeRequest(_ChatTemplateFields):

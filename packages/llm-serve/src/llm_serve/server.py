@@ -24,12 +24,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from paged_engine import EngineConfig, LLMEngine
 
 from .async_engine import AsyncEngine
-from .cache_routes import cache_router
+from .cache_routes import CacheResetRequest, cache_router
+from .connections import uvicorn_config
 from .metrics import ServerMetrics, log_stats_forever, metrics_router
 from .openai_api import openai_router
+from .openapi import document_api
 from .protocol import APIError
 from .state import ServerSettings, ServerState, get_state, served_model_name
 from .tenancy import RequestGuard
+from .tenant_usage import TenantUsage
 from .tokenize_routes import tokenize_router
 
 __all__ = ["GracefulServer", "build_app", "health_router", "run_server"]
@@ -66,7 +69,7 @@ def health_router() -> APIRouter:
 
 
 def _error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body().model_dump(), status_code=err.status_code)
+    return JSONResponse(err.body().model_dump(), status_code=err.status_code, headers=err.headers)
 
 
 def build_app(
@@ -106,7 +109,9 @@ def build_app(
     async_engine.max_queue = settings.max_queue
     metrics = ServerMetrics(async_engine)
     async_engine.finish_hooks.append(metrics.observe)
-    state = ServerState(engine=async_engine, settings=settings, metrics=metrics)
+    usage = TenantUsage()
+    async_engine.tenant_hooks.append(usage.observe)
+    state = ServerState(engine=async_engine, settings=settings, metrics=metrics, usage=usage)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -160,10 +165,12 @@ def build_app(
     app.include_router(metrics_router())
     app.include_router(cache_router())
     app.include_router(tokenize_router())
+    document_api(app, CacheResetRequest, settings.model_name)
     app.add_middleware(
         RequestGuard,
         api_keys=settings.api_keys,
         max_request_bytes=settings.max_request_bytes,
+        body_timeout=settings.body_timeout,
     )
     return app
 
@@ -198,13 +205,15 @@ def run_server(
     state: ServerState = app.state.llm
     # uvicorn's own backstop; the app aborts late requests itself at shutdown_timeout.
     grace = state.settings.shutdown_timeout + 5.0
-    config = uvicorn.Config(
+    settings = state.settings
+    config = uvicorn_config(
         app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        timeout_graceful_shutdown=int(grace) + 1,
-        access_log=log_level == "debug",
+        host,
+        port,
+        log_level,
+        header_timeout=settings.header_timeout,
+        max_connections=settings.max_connections,
+        graceful_shutdown=int(grace) + 1,
     )
     server = GracefulServer(config, state)
 

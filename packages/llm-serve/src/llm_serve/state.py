@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,13 +15,18 @@ from fastapi import Request
 from paged_engine.model_loader import is_hub_id
 
 from .async_engine import AsyncEngine
+from .chat_encoding import ChatEncoder
 from .protocol import APIError
-from .tenancy import TENANT_SCOPE_KEY, validate_api_key
+from .tenancy import TENANT_SCOPE_KEY, tenant_id, validate_api_key
 
 if TYPE_CHECKING:
     from .metrics import ServerMetrics
+    from .tenant_usage import TenantUsage
 
 __all__ = [
+    "DEFAULT_BODY_TIMEOUT",
+    "DEFAULT_HEADER_TIMEOUT",
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_REQUEST_BYTES",
     "ServerSettings",
     "ServerState",
@@ -29,6 +35,9 @@ __all__ = [
 ]
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 60.0
+DEFAULT_MAX_CONNECTIONS = 1024
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +81,17 @@ class ServerSettings:
     - ``max_request_bytes``: largest request body accepted; larger ones get 413.
     - ``log_interval``: seconds between the statistics log lines written while the server is
       busy; 0 turns them off.
+    - ``max_queue_per_key``: most requests (choices) one API key may have waiting; None: no
+      per-key limit. Without API keys every client counts as one key.
+    - ``admin_api_key``: a key that, besides being an ordinary key (its own namespace), may
+      read ``/metrics`` and the engine-wide ``/v1/cache/stats``. Setting it turns keys on.
+    - ``header_timeout``: seconds a connection may take to send a request's headers (also
+      between requests once it has started sending one); then it is closed.
+    - ``body_timeout``: seconds a request's body may take to arrive; then 408.
+    - ``max_connections``: most open connections (and requests in progress); beyond it new
+      requests get 503 at once.
+    - ``cap_max_tokens``: answer a ``max_tokens`` that does not fit in the context after the
+      prompt by generating up to the context's end (finish ``length``) instead of 400.
     """
 
     model_name: str
@@ -81,6 +101,12 @@ class ServerSettings:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     log_interval: float = 5.0
+    max_queue_per_key: int | None = None
+    admin_api_key: str | None = field(default=None, repr=False)
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    cap_max_tokens: bool = False
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -96,7 +122,18 @@ class ServerSettings:
             raise TypeError("api_keys must be a sequence of keys, not one string")
         for i, key in enumerate(self.api_keys):
             validate_api_key(key, f"api_keys[{i}]")
-        object.__setattr__(self, "api_keys", tuple(dict.fromkeys(self.api_keys)))
+        admin = self.admin_api_key
+        if admin is not None:
+            validate_api_key(admin, "admin_api_key")
+        extra = (admin,) if admin is not None else ()
+        object.__setattr__(self, "api_keys", tuple(dict.fromkeys(self.api_keys + extra)))
+        if self.max_queue_per_key is not None and self.max_queue_per_key < 1:
+            raise ValueError(f"max_queue_per_key must be >= 1, got {self.max_queue_per_key}")
+        for name in ("header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
         if not self.log_interval >= 0:
@@ -115,10 +152,21 @@ class ServerState:
     engine: AsyncEngine
     settings: ServerSettings
     metrics: ServerMetrics | None = None
+    usage: TenantUsage | None = None
     draining: bool = False
     loop: asyncio.AbstractEventLoop | None = None
     failure_hooks: list[Callable[[BaseException], None]] = field(default_factory=list)
     _drain_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    _chat_encoder: ChatEncoder | None = field(default=None, repr=False)
+    _chat_encoder_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def chat_encoder(self) -> ChatEncoder:
+        """The engine tokenizer's ``ChatEncoder``, built on first use (any thread; raises
+        ``EngineNotReadyError`` before the model is loaded)."""
+        with self._chat_encoder_lock:
+            if self._chat_encoder is None:
+                self._chat_encoder = ChatEncoder(self.engine.engine.tokenizer)
+            return self._chat_encoder
 
     def engine_failed(self, exc: BaseException) -> None:
         """Called in the event loop when the model fails to load or the engine stops for good:
@@ -148,6 +196,30 @@ class ServerState:
         if not isinstance(tenant, bytes):
             raise APIError(401, "no valid API key", type="authentication_error")
         return tenant + salt
+
+    def tenant(self, request: Request) -> bytes:
+        """The request's tenant (``tenancy.tenant_id`` of its key), or b"" without API keys."""
+        tenant = request.scope.get(TENANT_SCOPE_KEY)
+        return tenant if isinstance(tenant, bytes) else b""
+
+    def is_admin(self, request: Request) -> bool:
+        """Whether ``request`` may see engine-wide figures: always on a server without API
+        keys; with keys, only with ``admin_api_key``."""
+        if not self.settings.api_keys:
+            return True
+        admin = self.settings.admin_api_key
+        return admin is not None and self.tenant(request) == tenant_id(admin)
+
+    def check_admin(self, request: Request, what: str) -> None:
+        """Raise ``APIError(403)`` unless ``is_admin(request)``; ``what`` names the route."""
+        if not self.is_admin(request):
+            raise APIError(
+                403,
+                f"{what} shows figures of every tenant: only the admin key may read it "
+                f"(--admin-api-key)",
+                type="permission_error",
+                code="admin_key_required",
+            )
 
     def check_available(self) -> None:
         """Raise ``APIError(503)`` unless requests can be accepted now."""

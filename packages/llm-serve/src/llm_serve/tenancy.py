@@ -8,14 +8,18 @@ without a valid key gets 401 with OpenAI's error body. The tenant of an authenti
 ``ServerState.cache_namespace`` reads it. Keys are never logged or echoed.
 
 Bodies larger than the limit get 413: at once when ``Content-Length`` says so, otherwise as
-soon as the streamed body passes the limit. Accepted bodies are buffered here and handed on
-unchanged.
+soon as the streamed body passes the limit. A body that has not fully arrived ``body_timeout``
+seconds after the headers gets 408 and the connection is closed. A client that disconnects
+mid-body costs one log line; the routes never see its request. Accepted bodies are buffered
+here and handed on unchanged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -24,6 +28,7 @@ import xxhash
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
+    "ADMIN_KEY_ENV",
     "API_KEYS_ENV",
     "OPEN_PATHS",
     "TENANT_SCOPE_KEY",
@@ -33,7 +38,10 @@ __all__ = [
     "validate_api_key",
 ]
 
+logger = logging.getLogger(__name__)
+
 API_KEYS_ENV = "LLM_SERVE_API_KEYS"
+ADMIN_KEY_ENV = "LLM_SERVE_ADMIN_API_KEY"
 TENANT_SCOPE_KEY = "llm_serve.tenant"
 OPEN_PATHS = frozenset({"/health"})
 TENANT_ID_BYTES = 16
@@ -92,6 +100,7 @@ class RequestGuard:
     """ASGI middleware: API-key check (when ``api_keys`` is non-empty) and a body size limit.
 
     ``open_paths`` (default: ``/health``) need no key. Non-HTTP scopes (lifespan) pass through.
+    ``body_timeout``: seconds the whole body may take to arrive (408 after that).
     """
 
     def __init__(
@@ -100,11 +109,13 @@ class RequestGuard:
         api_keys: Sequence[str],
         max_request_bytes: int,
         open_paths: frozenset[str] = OPEN_PATHS,
+        body_timeout: float = 60.0,
     ) -> None:
         self.app = app
         self._keys = [(validate_api_key(k).encode("ascii"), tenant_id(k)) for k in api_keys]
         self.max_request_bytes = max_request_bytes
         self.open_paths = open_paths
+        self.body_timeout = body_timeout
 
     def _authenticate(self, scope: Scope) -> bytes | None:
         """The tenant of the request's bearer key, or None when it has no valid key."""
@@ -157,10 +168,33 @@ class RequestGuard:
             return
         chunks: list[bytes] = []
         size = 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
         while True:
-            message = await receive()
+            try:
+                remaining = deadline - asyncio.get_running_loop().time()
+                message = await asyncio.wait_for(receive(), max(remaining, 0.0))
+            except asyncio.TimeoutError:
+                logger.info(
+                    "%s %s: the request body did not arrive within %g s (408)",
+                    scope.get("method"),
+                    scope.get("path"),
+                    self.body_timeout,
+                )
+                await _respond(
+                    send,
+                    408,
+                    f"the request body did not arrive within {self.body_timeout:g} s",
+                    "invalid_request_error",
+                    "request_timeout",
+                    [(b"connection", b"close")],
+                )
+                return
             if message["type"] != "http.request":  # the client went away mid-body
-                await self.app(scope, _replay([message], receive), send)
+                logger.info(
+                    "%s %s: the client disconnected before sending the whole body",
+                    scope.get("method"),
+                    scope.get("path"),
+                )
                 return
             chunk = message.get("body", b"")
             size += len(chunk)

@@ -8,17 +8,17 @@ from importlib.metadata import version
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from paged_engine import LLMEngine
-
 from .openai_api import chat_messages, chat_prompt, parse_call
 from .protocol import APIError, DetokenizeRequest, TokenizeRequest
+from .state import ServerState
 
 __all__ = ["tokenize_router"]
 
 
-def _tokenize(engine: LLMEngine, req: TokenizeRequest) -> list[int]:
+def _tokenize(state: ServerState, req: TokenizeRequest) -> list[int]:
+    engine = state.engine.engine
     if req.messages is not None and req.prompt is None:
-        return chat_prompt(engine, chat_messages(req.messages), req.template_options())
+        return chat_prompt(state, chat_messages(req.messages), req.template_options())
     if req.prompt is None or req.messages is not None:
         raise APIError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
     special = req.add_special_tokens is not False
@@ -34,7 +34,7 @@ def tokenize_router() -> APIRouter:
     async def tokenize(request: Request) -> Response:
         state, req = await parse_call(request, TokenizeRequest)
         engine = state.engine.engine
-        ids = await asyncio.to_thread(_tokenize, engine, req)
+        ids = await asyncio.to_thread(_tokenize, state, req)
         body = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
         return JSONResponse({**body, "token_strs": None})
 

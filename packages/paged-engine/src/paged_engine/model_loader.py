@@ -182,6 +182,7 @@ def convert_gguf(gguf_path: Path) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():  # another process finished first
             return target
+        _remove_stale_conversions(target)
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             _write_converted(gguf_path, tmp)
@@ -190,6 +191,33 @@ def convert_gguf(gguf_path: Path) -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _remove_stale_conversions(target: Path) -> None:
+    """Delete temporary folders left by conversions that were killed before their rename.
+
+    Called holding ``target``'s lock, so no live conversion of ``target`` owns one of its
+    temporary folders; those of other targets are deleted when their process is gone."""
+    for tmp in target.parent.glob(".*.tmp-*"):
+        if not tmp.is_dir():
+            continue
+        if tmp.name.startswith(f".{target.name}.tmp-") or not _pid_alive(tmp.name):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(tmp_name: str) -> bool:
+    """Whether the process named in a temporary folder's name (``.<name>.tmp-<pid>-<hex>``)
+    still runs; True when unsure."""
+    try:
+        pid = int(tmp_name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+        os.kill(pid, 0)
+    except (IndexError, ValueError):
+        return True
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _write_converted(gguf_path: Path, out: Path) -> None:

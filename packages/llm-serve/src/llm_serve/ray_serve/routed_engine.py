@@ -213,7 +213,13 @@ class RoutedEngine(AsyncEngine):
         live = [r.stats for r in self.replicas.values() if r.uid is not None and r.stats]
         return sum_stats(live) if live else None
 
-    def add(self, requests: Sequence[EngineRequest]) -> OutputStream:
+    def add(
+        self,
+        requests: Sequence[EngineRequest],
+        tenant: bytes = b"",
+        tenant_limit: int | None = None,
+    ) -> OutputStream:
+        # The per-key waiting limit (``tenant_limit``) is not enforced across replicas yet.
         if not self.ready or self.router is None or self._loop is None:
             raise EngineNotReadyError(self._not_ready_message())
         if self._waiting + len(requests) > self.max_queue:
