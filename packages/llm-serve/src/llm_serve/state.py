@@ -72,6 +72,8 @@ class ServerSettings:
     - ``max_request_bytes``: largest request body accepted; larger ones get 413.
     - ``log_interval``: seconds between the statistics log lines written while the server is
       busy; 0 turns them off.
+    - ``tool_call_parser``: how replies are parsed into tool calls (``hermes`` or
+      ``llama3_json``); None reads it off the model's chat template (see tool_render.py).
     """
 
     model_name: str
@@ -81,8 +83,16 @@ class ServerSettings:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     log_interval: float = 5.0
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
+        from .tool_parsers import TOOL_CALL_PARSERS
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(
+                f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)} or None, got "
+                f"{self.tool_call_parser!r}"
+            )
         if not self.model_name:
             raise ValueError("model_name must be non-empty")
         if self.max_queue < 1:
