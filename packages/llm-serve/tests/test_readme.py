@@ -21,6 +21,13 @@ def test_python_quick_start_runs(capsys: object) -> None:
     exec(compile(block, str(README), "exec"), {"__name__": "readme_example"})
 
 
+def test_structured_output_example_runs() -> None:
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Structured output and tool calling", 1)[1].split("\n## ", 1)[0]
+    block = _python_blocks(section)[0]  # the second one needs a running server
+    exec(compile(block, str(README), "exec"), {"__name__": "readme_example"})
+
+
 def test_every_flag_is_documented() -> None:
     text = README.read_text(encoding="utf-8")
     commands = cli.build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]

@@ -257,11 +257,17 @@ BAD_INPUTS: list[tuple[str, str, Any, int, str | None]] = [
     ("token-out-of-vocab", "completions", {"model": "tiny", "prompt": [1, 99999]}, 400, "prompt"),
     ("unknown-model", "chat/completions", {**BASE_CHAT, "model": "gpt-9"}, 404, "model"),
     ("unknown-model-completions", "completions", {"model": "nope", "prompt": "a"}, 404, "model"),
-    ("tools", "chat/completions", {**BASE_CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
     (
-        "response-format-json",
+        "tools",
         "chat/completions",
-        {**BASE_CHAT, "response_format": {"type": "json_object"}},
+        {**BASE_CHAT, "tools": [{"type": "function"}]},
+        400,
+        "tools.0.function",
+    ),
+    (
+        "response-format-unknown",
+        "chat/completions",
+        {**BASE_CHAT, "response_format": {"type": "xml"}},
         400,
         "response_format",
     ),
@@ -322,8 +328,8 @@ def test_errors_through_the_openai_client(client: openai.OpenAI) -> None:
     assert nf.value.status_code == 404
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         chat(client, "hi", max_tokens=0)
-    with pytest.raises(openai.BadRequestError, match="not supported"):
-        chat(client, "hi", tools=[{"type": "function", "function": {"name": "f"}}])
+    with pytest.raises(openai.BadRequestError, match="tool name"):
+        chat(client, "hi", tools=[{"type": "function", "function": {"name": "bad name!"}}])
     with pytest.raises(openai.NotFoundError):
         client.with_options(base_url=client.base_url.copy_with(path="/nope/")).models.list()
 

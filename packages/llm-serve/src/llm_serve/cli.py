@@ -17,6 +17,7 @@ from .state import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_REQUEST_BYTES,
 )
+from .tool_parsers import TOOL_CALL_PARSERS
 
 __all__ = ["build_parser", "main"]
 
@@ -195,6 +196,14 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="join the Ray cluster at ADDR instead of starting a local one on 127.0.0.1 "
         "(with --replicas >= 2)",
     )
+    srv.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=list(TOOL_CALL_PARSERS),
+        help="how replies are parsed into tool calls: hermes (<tool_call>{...}</tool_call>, "
+        "Hermes / Qwen) or llama3_json (Llama 3.1+ JSON) [default: read off the model's chat "
+        "template; hermes when it has no tool support]",
+    )
     add_engine_args(p)
     p.set_defaults(func=_serve)
 
@@ -241,6 +250,7 @@ def _serve(args: argparse.Namespace) -> int:
         body_timeout=args.body_timeout,
         max_connections=args.max_connections,
         cap_max_tokens=args.cap_max_tokens,
+        tool_call_parser=args.tool_call_parser,
     )
     logging.getLogger(__name__).info(
         "API keys: %s", f"{len(settings.api_keys)} configured" if settings.api_keys else "none"

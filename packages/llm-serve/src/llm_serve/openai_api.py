@@ -33,11 +33,26 @@ from .protocol import (
 from .request_checks import check_admissible, check_context_length, check_stream_options
 from .sampling import request_sampling_values, sampling_params
 from .state import ServerState, get_state
+from .structured import constrain
+from .tool_format import ToolChatFormat
+from .tool_render import (
+    choose_parser,
+    render_messages,
+    required_call_constraint,
+    template_supports_tools,
+    tool_context,
+)
 
 __all__ = ["openai_router"]
 
 _M = TypeVar("_M", bound=BaseModel)
-_CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_CHAT_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 
 
 def openai_router() -> APIRouter:
@@ -67,6 +82,7 @@ def openai_router() -> APIRouter:
         engine = state.engine.engine
         prompts = as_batch(req.prompt)
         check_admissible(len(prompts) * n, n, state.settings)
+        params = await constrain(engine, req, params, None, state.settings.request_timeout)
         token_ids = await asyncio.to_thread(_check_prompts, engine, prompts, "prompt")
         lens = [len(t) for t in token_ids]
         check_context_length(
@@ -85,7 +101,21 @@ def openai_router() -> APIRouter:
         values = request_sampling_values(req)
         params = sampling_params(values, defaults={"max_tokens": engine.max_model_len})
         check_admissible(req.n or 1, req.n or 1, state.settings)
-        messages, options = chat_messages(req.messages), req.template_options()
+        tools = tool_context(req.tools, req.tool_choice, req.parallel_tool_calls)
+        native = template_supports_tools(engine.tokenizer)
+        parser = choose_parser(engine.tokenizer, state.settings.tool_call_parser)
+        messages = render_messages(chat_messages(req.messages), req.messages, tools, native)
+        options = req.template_options()
+        if native and tools.tools:
+            options["chat_template_kwargs"] = {
+                **(options["chat_template_kwargs"] or {}),
+                "tools": tools.tools,
+            }
+        forced = None
+        if tools.choice in ("required", "named"):
+            grammar = await asyncio.to_thread(required_call_constraint, tools, parser)
+            forced = ("tool_choice", grammar)
+        params = await constrain(engine, req, params, forced, state.settings.request_timeout)
         ids = await asyncio.to_thread(chat_prompt, state, messages, options)
         token_ids = await asyncio.to_thread(_check_prompts, engine, [ids], "messages")
         check_context_length(
@@ -94,7 +124,11 @@ def openai_router() -> APIRouter:
         call = ApiCall.start(
             state, request, "chatcmpl", token_ids, params, req.n or 1, req.cache_salt or ""
         )
-        fmt = ChatFormat(call.api_id, req.model, engine.tokenizer, params.logprobs)
+        fmt: ChatFormat = ChatFormat(call.api_id, req.model, engine.tokenizer, params.logprobs)
+        if tools.parses:
+            fmt = ToolChatFormat(
+                call.api_id, req.model, engine.tokenizer, params.logprobs, tool_format=parser
+            )
         return await call.respond(fmt, bool(req.stream), _include_usage(req))
 
     return router
@@ -153,14 +187,10 @@ def chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         if role is None:
             raise APIError(
                 400,
-                f"messages[{i}].role {m.role!r} is not supported; use system, developer, user "
-                f"or assistant",
+                f"messages[{i}].role {m.role!r} is not supported; use system, developer, user, "
+                f"assistant or tool",
                 param=f"messages[{i}].role",
             )
-        if m.tool_calls:
-            _unsupported(f"messages[{i}].tool_calls")
-        if m.tool_call_id:
-            _unsupported(f"messages[{i}].tool_call_id")
         content = m.content
         if isinstance(content, list):
             parts: list[str] = []

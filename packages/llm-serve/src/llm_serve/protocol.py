@@ -45,14 +45,20 @@ __all__ = [
     "CompletionRequest",
     "CompletionResponse",
     "CompletionStreamResponse",
+    "DeltaFunctionCall",
     "DeltaMessage",
+    "DeltaToolCall",
     "DetokenizeRequest",
     "ErrorBody",
     "ErrorResponse",
+    "FunctionCall",
+    "FunctionDefinition",
     "ModelCard",
     "ModelList",
     "PromptTokensDetails",
     "TokenizeRequest",
+    "ToolCall",
+    "ToolDefinition",
     "UsageInfo",
     "parse_request",
     "unsupported_fields",
@@ -207,8 +213,24 @@ class _ChatTemplateFields(_Request):
         }
 
 
+class FunctionDefinition(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Request):
+    """An entry of ``tools``: a function the model may call."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
 class _SamplingFields(_Request):
-    """Fields shared by both endpoints; each maps onto ``SamplingParams`` (see sampling.py)."""
+    """Fields shared by both endpoints; each maps onto ``SamplingParams`` (see sampling.py).
+    The output constraints (``response_format``, vLLM's ``guided_*`` and ``structured_outputs``)
+    are read by structured.py."""
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_INT32)
@@ -237,6 +259,12 @@ class _SamplingFields(_Request):
     priority: int | None = None
     skip_special_tokens: bool | None = None
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -256,6 +284,9 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_INT32)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeRequest(_ChatTemplateFields):
@@ -276,7 +307,7 @@ class DetokenizeRequest(_Request):
 
 # Documented defaults of OpenAI fields we do not implement: sending them is not using them.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "response_format": ({"type": "text"},),
+    # Chat implements the tool fields; on /v1/completions only their defaults pass.
     "tool_choice": ("none", "auto"),
     "parallel_tool_calls": (True,),
     "store": (False,),
@@ -378,9 +409,21 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -400,11 +443,36 @@ class ChatCompletionResponse(BaseModel):
     prompt_logprobs: PromptLogprobs | None = None
 
 
+class _DropNone(BaseModel):
+    """Unset parts are left out of the JSON (as OpenAI does in stream deltas)."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None}
+
+
+class DeltaFunctionCall(_DropNone):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_DropNone):
+    """A piece of tool call ``index``: the first carries id, type and name; later ones append
+    to ``function.arguments``."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class DeltaMessage(BaseModel):
     """A streamed chat delta; unset parts are left out of the JSON (as OpenAI does)."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

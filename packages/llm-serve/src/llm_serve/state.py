@@ -92,6 +92,8 @@ class ServerSettings:
       requests get 503 at once.
     - ``cap_max_tokens``: answer a ``max_tokens`` that does not fit in the context after the
       prompt by generating up to the context's end (finish ``length``) instead of 400.
+    - ``tool_call_parser``: how replies are parsed into tool calls (``hermes`` or
+      ``llama3_json``); None reads it off the model's chat template (see tool_render.py).
     """
 
     model_name: str
@@ -107,8 +109,16 @@ class ServerSettings:
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     cap_max_tokens: bool = False
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
+        from .tool_parsers import TOOL_CALL_PARSERS
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(
+                f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)} or None, got "
+                f"{self.tool_call_parser!r}"
+            )
         if not self.model_name:
             raise ValueError("model_name must be non-empty")
         if self.max_queue < 1:

@@ -13,6 +13,7 @@ from .llm_engine import EngineFailedError, LLMEngine, PromptTooLongError
 from .model_loader import DUMMY_PRESETS
 from .outputs import EngineStats, RequestOutput
 from .sampling_params import ParamError, SamplingParams
+from .structured_output import StructuredOutput
 from .tokenizer import ByteTokenizer
 
 __version__ = "0.1.0"
@@ -29,4 +30,5 @@ __all__ = [
     "PromptTooLongError",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutput",
 ]

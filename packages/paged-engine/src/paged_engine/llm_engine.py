@@ -6,6 +6,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Sequence as Seq
+from concurrent import futures
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .disk_store import DiskBlockStore
 from .disk_tier import DiskTier, kv_format
+from .grammars import GrammarCache, apply_grammar_bitmask, new_matcher
 from .kv_residual import ResidualSlots
 from .model_loader import LoadedModel, load_model, resolve_model
 from .model_runner import ModelRunner, StepLogits
@@ -158,6 +160,10 @@ class LLMEngine:
             self.loaded.vocab_limit,
         )
         self.sampler = Sampler(self.device, config.seed)
+        # Structured output: compiled grammars (shared by equal constraints) and the requests
+        # whose grammar is still compiling; those wait here, outside the scheduler.
+        self.grammars = GrammarCache(self.tokenizer, mc.vocab_size, self.eos_token_ids)
+        self._compiling: dict[str, tuple[Sequence, futures.Future[Any]]] = {}
         self._requests: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator | None] = {}
         self._pending: list[RequestOutput] = []
@@ -234,7 +240,10 @@ class LLMEngine:
         self._requests[request_id] = seq
         self._generators[request_id] = generator
         self._prompt_tokens += len(token_ids)
-        self.scheduler.add(seq)
+        if params.structured_output is not None:
+            self._compiling[request_id] = (seq, self.grammars.submit(params.structured_output))
+        else:
+            self.scheduler.add(seq)
 
     def check_prompt(self, prompt: Prompt) -> list[int]:
         """The prompt's token ids (a string is tokenized), checked as ``add_request`` would.
@@ -314,6 +323,7 @@ class LLMEngine:
         seq = self._requests.get(request_id)
         if seq is None:
             return False
+        self._compiling.pop(request_id, None)
         self._finish(seq, "abort")
         self._pending.append(seq.to_output())
         return True
@@ -334,6 +344,7 @@ class LLMEngine:
         ``EngineFailedError`` when ``MAX_CONSECUTIVE_FORWARD_FAILURES`` forward passes fail in
         a row: the engine cannot make progress and should be restarted."""
         outputs, self._pending = self._pending, []
+        outputs.extend(self._start_compiled())
         self.block_pool.expire()  # O(expired): idle cached blocks go even without pressure
         self._load_from_disk()  # before scheduling: admission then finds those blocks in memory
         scheduled = self.scheduler.schedule().scheduled
@@ -341,6 +352,10 @@ class LLMEngine:
             self.residuals.assign(scheduled, self.scheduler.running)
         if not scheduled:
             self._flush_cache_events()
+            if self._compiling and not outputs:
+                # Nothing to run until a grammar compiles: wait a little instead of spinning.
+                pending = [f for _, f in self._compiling.values()]
+                futures.wait(pending, timeout=0.01, return_when=futures.FIRST_COMPLETED)
             return outputs
         logits = self._execute(scheduled)
         if logits is None:
@@ -348,10 +363,12 @@ class LLMEngine:
             return outputs + [self._fail(s.seq, self._forward_error) for s in scheduled]
         self._take_prompt_logits(scheduled, logits.prompt)
         sampling = [s.seq for s in scheduled if s.completes]
+        constrained = [(i, s.grammar) for i, s in enumerate(sampling) if s.grammar is not None]
+        dead = set(apply_grammar_bitmask(logits.sample, constrained, self.grammars))
         sampled = self._sample(sampling, logits.sample)
         self.scheduler.computed(scheduled)
-        for seq, result in zip(sampling, sampled, strict=True):
-            outputs.append(self._postprocess(seq, result))
+        for row, (seq, result) in enumerate(zip(sampling, sampled, strict=True)):
+            outputs.append(self._postprocess(seq, result, allowed=row not in dead))
         self._flush_cache_events()  # the step's cache changes, one batch
         return outputs
 
@@ -420,13 +437,22 @@ class LLMEngine:
         return list(zip(out.token_ids, out.logprobs, strict=True))
 
     def _postprocess(
-        self, seq: Sequence, sampled: tuple[int, dict[int, float] | None] | BaseException
+        self,
+        seq: Sequence,
+        sampled: tuple[int, dict[int, float] | None] | BaseException,
+        allowed: bool = True,
     ) -> RequestOutput:
         """Append the sampled token, check the stop conditions, finish the request if it is
-        done; a failure here (or in sampling) finishes this request with an error."""
+        done; a failure here (or in sampling) finishes this request with an error. A
+        constrained request's matcher advances with the token; ``allowed`` False (its
+        constraint left no token) finishes it with an error."""
         if isinstance(sampled, BaseException):
             return self._fail(seq, f"internal error while sampling: {sampled!r}")
         token, logprobs = sampled
+        if seq.grammar is not None and (not allowed or not seq.grammar.accept_token(token)):
+            return self._reject(
+                seq, "the structured-output constraint cannot be satisfied: it allows no next token"
+            )
         try:
             if self.fault_hook is not None:
                 self.fault_hook("postprocess", seq.request_id)
@@ -522,7 +548,10 @@ class LLMEngine:
             seq.num_prompt_logits = end
 
     def _is_stop_token(self, seq: Sequence, token: int) -> bool:
-        """Whether ``token``, sampled next for ``seq``, ends it (never before ``min_tokens``)."""
+        """Whether ``token``, sampled next for ``seq``, ends it (never before ``min_tokens``),
+        or it completed a constraint that allows nothing more."""
+        if seq.grammar is not None and seq.grammar.is_terminated():
+            return True
         return (
             token in self._stop_token_ids(seq)
             and len(seq.output_token_ids) >= seq.params.min_tokens
@@ -538,6 +567,27 @@ class LLMEngine:
         if len(seq.output_token_ids) >= seq.params.min_tokens:
             return []
         return sorted(self._stop_token_ids(seq))
+
+    def _reject(self, seq: Sequence, error: str) -> RequestOutput:
+        """Finish a request whose constraint cannot go on (its input's fault, not the engine's)."""
+        self._finish(seq, "error")
+        seq.error, seq.error_param = error, "structured_output"
+        return seq.to_output()
+
+    def _start_compiled(self) -> list[RequestOutput]:
+        """Queue the requests whose grammar has compiled; finish those whose grammar failed."""
+        failed: list[RequestOutput] = []
+        for rid, (seq, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[rid]
+            exc = future.exception()
+            if exc is not None:
+                failed.append(self._reject(seq, str(exc)))
+                continue
+            seq.grammar = new_matcher(future.result())
+            self.scheduler.add(seq)
+        return failed
 
     def _stop_reason(self, seq: Sequence, token: int, stop_token: bool) -> FinishReason | None:
         """Why ``seq`` ends after ``token`` (None: it goes on); records ``seq.stop_reason``.
@@ -647,7 +697,7 @@ class LLMEngine:
             num_evictions=pool.num_evicted,
             num_expirations=pool.num_expired,
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + len(self._compiling),
             num_preemptions=self.scheduler.num_preemptions,
             num_finished=self._num_finished,
             prompt_tokens_total=self._prompt_tokens,
@@ -658,7 +708,7 @@ class LLMEngine:
     def check_invariants(self) -> None:
         """Assert block accounting: every block free, cached or owned by a live sequence."""
         live = list(self.scheduler.running) + list(self.scheduler.waiting)
-        if {s.request_id for s in live} != set(self._requests):
+        if {s.request_id for s in live} | set(self._compiling) != set(self._requests):
             raise AssertionError("scheduler queues and the request table disagree")
         self.block_pool.check_invariants(s.block_ids for s in live)
 

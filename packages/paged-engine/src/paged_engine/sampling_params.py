@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
+from typing import Any
+
+from .structured_output import StructuredOutput
 
 __all__ = [
     "MAX_INT32",
@@ -83,6 +86,16 @@ class SamplingParams:
     - ``min_tokens`` (in [0, ``max_tokens``]): until that many tokens are generated, end of
       sequence and stop tokens are never sampled and stop strings do not end generation.
 
+    Constraining (``structured_output``, None = off): a ``StructuredOutput`` (JSON schema, any
+    JSON object, regex, choice among strings, EBNF grammar); or, as LMDeploy spells it,
+    ``response_format={"type": "json_schema", "json_schema": {"name": ..., "schema": ...}}``. Before the steps above, tokens the
+    constraint does not allow next are masked out, so penalties, temperature and the filters act
+    on the allowed tokens only. The request finishes (``stop``) when the constraint is complete
+    and the model emits an end-of-sequence token, or when the constraint allows nothing more
+    (even with ``ignore_eos``); ``max_tokens`` may still cut it short (``length``). A constraint
+    that does not compile, or that leaves no allowed token, finishes the request with
+    ``error``. For constrained requests ``logprobs`` are those of the masked distribution.
+
     Reporting:
 
     - ``logprobs``: None = off; n (0..20) = for every generated token, the log-probabilities of
@@ -115,8 +128,21 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    structured_output: StructuredOutput | None = None
+    # LMDeploy's spelling of the constraint (init only): a ``response_format`` dict, see
+    # ``StructuredOutput.from_response_format``; it sets ``structured_output``.
+    response_format: InitVar[dict[str, Any] | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, response_format: dict[str, Any] | None) -> None:
+        if response_format is not None:
+            if self.structured_output is not None:
+                raise ParamError(
+                    "response_format", "give structured_output or response_format, not both"
+                )
+            try:
+                self.structured_output = StructuredOutput.from_response_format(response_format)
+            except ValueError as exc:
+                raise ParamError("response_format", str(exc)) from None
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.validate()
@@ -127,21 +153,25 @@ class SamplingParams:
         _check_int("max_tokens", self.max_tokens, 1, f"an integer in [1, {MAX_INT32}]", MAX_INT32)
         _check_number("temperature", self.temperature)
         if self.temperature < 0:
-            raise ParamError("temperature", f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise ParamError(
+                "temperature", f"temperature must be >= 0 (0 = greedy), got {self.temperature}"
+            )
         _check_number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ParamError(
                 "top_p",
                 f"top_p must be in (0, 1] (1 = off; a tiny value keeps only the most likely "
-                f"token), got {self.top_p}"
+                f"token), got {self.top_p}",
             )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
-            raise ParamError("top_k", f"top_k must be an integer (-1 or 0 = off), got {self.top_k!r}")
+            raise ParamError(
+                "top_k", f"top_k must be an integer (-1 or 0 = off), got {self.top_k!r}"
+            )
         if not -1 <= self.top_k <= MAX_INT32:
             raise ParamError(
                 "top_k",
                 f"top_k must be -1 or 0 (off) or in [1, {MAX_INT32}] (keep that many tokens), "
-                f"got {self.top_k}"
+                f"got {self.top_k}",
             )
         _check_number("min_p", self.min_p)
         if not 0 <= self.min_p <= 1:
@@ -151,7 +181,7 @@ class SamplingParams:
             raise ParamError(
                 "repetition_penalty",
                 f"repetition_penalty must be > 0 (1 = off, > 1 discourages repeats), got "
-                f"{self.repetition_penalty}"
+                f"{self.repetition_penalty}",
             )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
@@ -159,17 +189,20 @@ class SamplingParams:
             if not -2 <= value <= 2:
                 raise ParamError(name, f"{name} must be in [-2, 2] (0 = off), got {value}")
         if self.seed is not None:
-            _check_int("seed", self.seed, SEED_MIN, "None or an integer in [-2**63, 2**64 - 1]",
-                       SEED_MAX)
+            _check_int(
+                "seed", self.seed, SEED_MIN, "None or an integer in [-2**63, 2**64 - 1]", SEED_MAX
+            )
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:
             if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
-                raise ParamError("stop", f"stop must be a string or a list of strings, got {self.stop!r}")
+                raise ParamError(
+                    "stop", f"stop must be a string or a list of strings, got {self.stop!r}"
+                )
             if len(self.stop) > MAX_STOP_STRINGS:
                 raise ParamError(
                     "stop",
-                    f"stop holds {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed"
+                    f"stop holds {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed",
                 )
             if any(s == "" for s in self.stop):
                 raise ParamError("stop", "stop strings must not be empty")
@@ -178,7 +211,7 @@ class SamplingParams:
                 raise ParamError(
                     "stop",
                     f"a stop string has {longest} characters; at most {MAX_STOP_STRING_CHARS} "
-                    f"are allowed"
+                    f"are allowed",
                 )
         if self.stop_token_ids is not None and (
             not isinstance(self.stop_token_ids, list)
@@ -188,13 +221,13 @@ class SamplingParams:
             raise ParamError(
                 "stop_token_ids",
                 f"stop_token_ids must be a list of token ids (ints >= 0), got "
-                f"{self.stop_token_ids!r}"
+                f"{self.stop_token_ids!r}",
             )
         if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ParamError(
                 "stop_token_ids",
                 f"stop_token_ids holds {len(self.stop_token_ids)} ids; at most "
-                f"{MAX_STOP_TOKEN_IDS} are allowed"
+                f"{MAX_STOP_TOKEN_IDS} are allowed",
             )
         _check_int("min_tokens", self.min_tokens, 0, "an integer in [0, max_tokens]")
         if self.min_tokens > self.max_tokens:
@@ -213,8 +246,19 @@ class SamplingParams:
                     raise ParamError(
                         name,
                         f"{name} must be at most {MAX_LOGPROBS} (alternatives per token), got "
-                        f"{value}"
+                        f"{value}",
                     )
+        if self.structured_output is not None:
+            if not isinstance(self.structured_output, StructuredOutput):
+                raise ParamError(
+                    "structured_output",
+                    f"structured_output must be a StructuredOutput or None, got "
+                    f"{type(self.structured_output).__name__}",
+                )
+            try:
+                self.structured_output.validate()
+            except ValueError as exc:
+                raise ParamError("structured_output", str(exc)) from None
 
     @property
     def greedy(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import Any
 
 from prefix_index import block_hashes
 
@@ -80,6 +81,9 @@ class Sequence:
         self.capture_prompt_logits = False
         self.num_prompt_logits = 0
         self._text_reported = 0
+        # Structured output: this request's grammar matcher (an ``xgrammar.GrammarMatcher``),
+        # set once its grammar has compiled; it has seen every output token.
+        self.grammar: Any = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -3,6 +3,7 @@ integration tests elsewhere). Importing this module imports nothing beyond torch
 
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -11,7 +12,13 @@ if TYPE_CHECKING:
     from .llm_engine import LLMEngine
     from .outputs import RequestOutput
 
-__all__ = ["assert_greedy_match", "drain", "first_mismatch", "hf_greedy"]
+__all__ = [
+    "assert_greedy_match",
+    "drain",
+    "first_mismatch",
+    "hf_greedy",
+    "random_json_schema",
+]
 
 
 def drain(engine: LLMEngine) -> dict[str, RequestOutput]:
@@ -77,3 +84,38 @@ def assert_greedy_match(
             f"logit margin there is {margin:.3g}, not a near-tie (< {tie_margin})\n"
             f" got {got}\n ref {ref}"
         )
+
+
+def random_json_schema(rng: random.Random, depth: int = 0) -> dict[str, Any]:
+    """A random JSON schema for structured-output tests: an object at the top, nesting up to
+    three levels of objects and arrays (bounded item counts), enums, bounded integers, strings of
+    bounded length, booleans, and required fields. Small enough that a random-weight model under
+    the constraint finishes in a few hundred byte tokens."""
+    kinds = ["integer", "string", "enum", "boolean"]
+    if depth < 3:
+        kinds += ["object", "array", "object"]
+    kind = rng.choice(kinds) if depth else "object"
+    if kind == "integer":
+        lo = rng.randint(-100, 100)
+        return {"type": "integer", "minimum": lo, "maximum": lo + rng.randint(0, 1000)}
+    if kind == "string":
+        lo = rng.randint(0, 2)
+        return {"type": "string", "minLength": lo, "maxLength": lo + rng.randint(0, 6)}
+    if kind == "enum":
+        pool: list[Any] = ["red", "green", "blue", 'say "hi"', 7, -1, None, True]
+        return {"enum": rng.sample(pool, rng.randint(1, 4))}
+    if kind == "boolean":
+        return {"type": "boolean"}
+    if kind == "array":
+        return {
+            "type": "array",
+            "items": random_json_schema(rng, depth + 1),
+            "minItems": rng.randint(0, 1),
+            "maxItems": rng.randint(1, 3),
+        }
+    names = rng.sample(["id", "name", "tags", "size", "meta", "ok", "kind", "x"], rng.randint(1, 4))
+    return {
+        "type": "object",
+        "properties": {n: random_json_schema(rng, depth + 1) for n in names},
+        "required": rng.sample(names, rng.randint(1, len(names))),
+    }
