@@ -51,12 +51,40 @@ INT4_GROUP = 32
 DENSE_ROWS = 128
 
 
-class Int8Linear(nn.Module):
+class _QuantizedLinear(nn.Module):
+    """What both formats share: the choice between the weight-only kernel (decode rows) and
+    the float32 GEMM over the expanded weight (prefill chunks), and the bias."""
+
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y: torch.Tensor
+        if flat.shape[0] >= DENSE_ROWS:
+            y = F.linear(flat.to(torch.float32), self.dequantized())
+        else:
+            y = self.kernel(flat)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def kernel(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat @ w.T`` ``[M, N]`` by the weight-only kernel (in the kernel's dtype)."""
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight ``[N, K]`` the kernel multiplies by."""
+        raise NotImplementedError
+
+
+class Int8Linear(_QuantizedLinear):
     """``y = x @ (q * scale).T + bias`` with int8 ``q`` ``[N, K]`` and one scale per row."""
 
     qweight: torch.Tensor
     scale: torch.Tensor
-    bias: torch.Tensor | None
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
@@ -67,30 +95,22 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(dtype))
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        y: torch.Tensor
-        if flat.shape[0] >= DENSE_ROWS:
-            y = F.linear(flat.to(torch.float32), self.dequantized()).to(x.dtype)
-        else:
-            y = torch._weight_int8pack_mm(flat.to(self.scale.dtype), self.qweight, self.scale)
-            y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+    def kernel(self, flat: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = torch._weight_int8pack_mm(
+            flat.to(self.scale.dtype), self.qweight, self.scale
+        )
+        return y
 
     def dequantized(self) -> torch.Tensor:
-        """The float32 weight ``[N, K]`` the kernel multiplies by."""
         return self.qweight.to(torch.float32) * self.scale.to(torch.float32)[:, None]
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_QuantizedLinear):
     """``y = x @ w.T + bias`` with ``w = q * scale + min`` per group of 32 input channels."""
 
     qweight: torch.Tensor
     codes: torch.Tensor
     scale_zero: torch.Tensor
-    bias: torch.Tensor | None
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
@@ -119,22 +139,14 @@ class Int4Linear(nn.Module):
     def supports(out_features: int, in_features: int) -> bool:
         return out_features % 16 == 0 and in_features % INT4_GROUP == 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        y: torch.Tensor
-        if flat.shape[0] >= DENSE_ROWS:
-            y = F.linear(flat.to(torch.float32), self.dequantized()).to(x.dtype)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                flat.to(self.scale_zero.dtype), self.qweight, INT4_GROUP, self.scale_zero
-            ).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+    def kernel(self, flat: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat.to(self.scale_zero.dtype), self.qweight, INT4_GROUP, self.scale_zero
+        )
+        return y
 
     def dequantized(self) -> torch.Tensor:
-        """The float32 weight ``[N, K]`` the kernel multiplies by: ``(q - 8) * scale + zero``
-        with the kernel's own (rounded) scale and zero point."""
+        """``(q - 8) * scale + zero`` with the kernel's own (rounded) scale and zero point."""
         n, k = self.out_features, self.in_features
         out = torch.empty(n, k // 2, 2, dtype=torch.float32, device=self.codes.device)
         torch.bitwise_and(self.codes, 15, out=out[..., 0])
