@@ -1,0 +1,155 @@
+"""Launch parameters of the Triton kernels: tiles, warps, pipeline stages and KV splits.
+
+The one place that decides them. :mod:`kvquant.triton_kernels` asks it on every launch and
+:mod:`kvquant.aot` asks it when it enumerates what to compile ahead of time, so the AOT report
+describes exactly what runs. Pure Python: no torch, no triton.
+
+What shapes a compiled kernel is a *constexpr*: the head size, the bit width, the dtypes and
+the tiles chosen here. Per-model and per-step integers (KV heads, GQA group, cache block size,
+batch size, number of splits) are runtime arguments, so a model or batch change never triggers
+a compile and the set of kernels is small enough to compile and check ahead of time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "AttentionLaunch",
+    "DequantizeLaunch",
+    "WriteLaunch",
+    "attention_launch",
+    "dequantize_launch",
+    "pow2",
+    "write_launch",
+]
+
+# Registers per thread are the limit: a [rows, BLOCK_C] float32 tile costs rows * BLOCK_C /
+# (32 * num_warps) registers per thread, and the attention loop keeps about four of them live
+# (the accumulator, the de-quantized K and V tiles, the scores). Past 255 registers ptxas spills.
+
+
+def pow2(n: int, at_least: int = 1) -> int:
+    """The smallest power of two ``>= max(n, at_least)``."""
+    n = max(n, at_least, 1)
+    return 1 << (n - 1).bit_length()
+
+
+def _code_width(head_dim: int, bits: int) -> int:
+    return head_dim // 2 if bits == 4 else head_dim
+
+
+@dataclass(frozen=True)
+class WriteLaunch:
+    """``_write_kernel``: one program per (token, tile of ``block_h`` KV heads)."""
+
+    block_h: int
+    block_c: int
+    num_warps: int
+
+
+def write_launch(head_dim: int, bits: int) -> WriteLaunch:
+    """Tiles of about 1024 values, whatever the number of KV heads (a runtime argument)."""
+    block_c = pow2(_code_width(head_dim, bits))
+    values_per_head = block_c * (2 if bits == 4 else 1)
+    return WriteLaunch(block_h=max(1, 1024 // values_per_head), block_c=block_c, num_warps=4)
+
+
+@dataclass(frozen=True)
+class DequantizeLaunch:
+    """``_dequantize_kernel``: one program per ``block_r`` rows."""
+
+    block_r: int
+    block_c: int
+    num_warps: int
+
+
+def dequantize_launch(head_dim: int, bits: int) -> DequantizeLaunch:
+    block_c = pow2(_code_width(head_dim, bits))
+    values_per_row = block_c * (2 if bits == 4 else 1)
+    return DequantizeLaunch(block_r=max(1, 2048 // values_per_row), block_c=block_c, num_warps=4)
+
+
+@dataclass(frozen=True)
+class AttentionLaunch:
+    """``_attention_kernel`` (and ``_combine_kernel`` when ``num_splits > 1``).
+
+    A program covers ``rows = block_q * block_g`` query rows: ``block_q`` tokens times the GQA
+    group padded to ``block_g``, and walks the keys ``block_n`` at a time.
+    """
+
+    rows: int
+    block_q: int
+    block_g: int
+    block_n: int
+    block_c: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+    combine_warps: int
+
+    @property
+    def decode(self) -> bool:
+        """The small-tile variant, chosen for batches of (mostly) single decode tokens."""
+        return self.rows <= 16
+
+
+def attention_launch(
+    *,
+    num_tokens: int,
+    batch: int,
+    group: int,
+    head_dim: int,
+    bits: int,
+    float32: bool,
+    block_size: int,
+    max_kv: int,
+    num_kv_heads: int,
+    num_sms: int | None,
+    num_splits: int | None = None,
+) -> AttentionLaunch:
+    """Tiles for one attention call.
+
+    Args:
+        num_tokens: query tokens in the batch (``T``); ``batch``: sequences.
+        group: query heads per KV head; ``head_dim``, ``bits``: the cache's.
+        float32: ``tl.dot`` runs on float32 operands (float32 caches, or bfloat16 under the
+            interpreter), which doubles the registers of the dot operands.
+        block_size: the cache's block size (tokens per block).
+        max_kv: an upper bound on any sequence's length (block-table width x block size).
+        num_kv_heads: programs per query tile (before splitting).
+        num_sms: streaming multiprocessors of the GPU, ``None`` off-GPU (no KV split).
+        num_splits: forces the number of KV splits (tests); ``None`` picks it.
+    """
+    block_g = pow2(group)
+    decode = num_tokens <= 2 * batch
+    rows = max(16 if decode else 64, block_g)
+    block_q = rows // block_g
+    block_c = pow2(_code_width(head_dim, bits), at_least=16)
+    block_n = 64 if block_size >= 64 else 32
+    num_warps = 4
+    num_stages = 3
+    if num_splits is None:
+        grid_tiles = -(-num_tokens // block_q) + batch
+        num_splits = _splits(grid_tiles * num_kv_heads, max_kv, block_n, num_sms)
+    return AttentionLaunch(
+        rows=rows,
+        block_q=block_q,
+        block_g=block_g,
+        block_n=block_n,
+        block_c=block_c,
+        num_splits=num_splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        combine_warps=4,
+    )
+
+
+def _splits(programs: int, max_kv: int, block_n: int, num_sms: int | None) -> int:
+    """KV splits so that few, long sequences still fill the GPU (flash-decoding)."""
+    if num_sms is None:
+        return 1
+    want = -(-2 * num_sms // max(programs, 1))
+    # Each split should get several KV tiles, or the combine step costs more than it saves.
+    cap = max(1, max_kv // (4 * block_n))
+    return max(1, min(want, cap, 16))
