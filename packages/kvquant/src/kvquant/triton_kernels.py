@@ -41,6 +41,7 @@ __all__ = [
     "attention_triton",
     "dequantize_launches",
     "dequantize_triton",
+    "quantize_launches",
     "quantize_triton",
     "write_launches",
     "write_triton",
@@ -218,8 +219,10 @@ def write_triton(
         launch()
 
 
-def quantize_triton(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`kvquant.quantize` in Triton (``x[..., D]``, validated by the caller)."""
+def quantize_launches(
+    x: torch.Tensor, bits: int
+) -> tuple[list[Launch], torch.Tensor, torch.Tensor]:
+    """The launches of :func:`quantize_triton` and the codes and scales they fill."""
     qmax(bits)
     d = x.shape[-1]
     lead = x.shape[:-1]
@@ -228,8 +231,15 @@ def quantize_triton(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     rows = x.reshape(-1, 1, d)
     codes = torch.empty(*lead, code_dim(d, bits), dtype=torch.uint8, device=x.device)
     sz = torch.empty(*lead, 2, dtype=scale_zero_dtype(x.dtype), device=x.device)
-    if rows.shape[0]:
-        _write_launch(rows, None, codes, sz, bits)()
+    launches = [_write_launch(rows, None, codes, sz, bits)] if rows.shape[0] else []
+    return launches, codes, sz
+
+
+def quantize_triton(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kvquant.quantize` in Triton (``x[..., D]``, validated by the caller)."""
+    launches, codes, sz = quantize_launches(x, bits)
+    for launch in launches:
+        launch()
     return codes, sz
 
 
