@@ -18,7 +18,8 @@ This reaches into two Triton internals (``create_function_from_signature`` and
 error. Results are cached per (kernel source and dependencies, specialization, options,
 architecture, Triton version) under ``--cache-dir``.
 
-To add a cache layout, add its bit width to :data:`LAYOUTS`.
+To add a cache layout, add an entry to :data:`LAYOUTS` (its name and the ``KVCache`` arguments
+that select it).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import torch
 __all__ = [
     "ARCHS",
     "LAYOUTS",
+    "Arch",
     "CompileJob",
     "Problem",
     "Result",
@@ -53,8 +55,12 @@ __all__ = [
     "run",
 ]
 
-# One entry per cache layout the engine can hold (quant_policy): its bit width.
-LAYOUTS: tuple[int, ...] = (0, 8, 4)
+# One entry per cache layout the engine can hold: a name and the KVCache arguments selecting it.
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "bits0": {"bits": 0},
+    "int8": {"bits": 8},
+    "int4": {"bits": 4},
+}
 DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
 HEAD_DIMS: tuple[int, ...] = (64, 128, 256)
 GROUPS: tuple[int, ...] = (1, 4, 8)
@@ -101,23 +107,27 @@ STEPS: tuple[Step, ...] = (
 @dataclass(frozen=True)
 class Problem:
     dtype: torch.dtype
-    bits: int
+    layout: str  # a key of LAYOUTS
     head_dim: int
     group: int
     block_size: int
 
+    @property
+    def bits(self) -> int:
+        return int(LAYOUTS[self.layout]["bits"])
+
     def __str__(self) -> str:
         dt = str(self.dtype).removeprefix("torch.")
-        return f"{dt} bits={self.bits} D={self.head_dim} g={self.group} bs={self.block_size}"
+        return f"{dt} {self.layout} D={self.head_dim} g={self.group} bs={self.block_size}"
 
 
 def enumerate_problems(
-    head_dims: Sequence[int] = HEAD_DIMS, layouts: Sequence[int] = LAYOUTS
+    head_dims: Sequence[int] = HEAD_DIMS, layouts: Sequence[str] = tuple(LAYOUTS)
 ) -> list[Problem]:
     return [
-        Problem(dtype, bits, d, g, bs)
+        Problem(dtype, layout, d, g, bs)
         for dtype in DTYPES
-        for bits in layouts
+        for layout in layouts
         for d in head_dims
         for g in GROUPS
         for bs in BLOCK_SIZES
@@ -133,6 +143,7 @@ class CompileJob:
     specialization: str
     head_dim: int
     bits: int
+    layout: str
     dtype: str
     signature: dict[str, Any]
     constexprs: dict[Any, Any]
@@ -149,6 +160,7 @@ class Result:
     specialization: str
     head_dim: int
     bits: int
+    layout: str
     dtype: str
     ok: bool
     error: str | None
@@ -197,7 +209,16 @@ def _launches(
 
     dev = torch.device("cpu")
     kvh, d, dtype = NUM_KV_HEADS, problem.head_dim, problem.dtype
-    cache = KVCache(1, 4, problem.block_size, kvh, d, problem.bits, dtype, dev)
+    cache = KVCache(
+        num_layers=1,
+        num_blocks=4,
+        block_size=problem.block_size,
+        num_kv_heads=kvh,
+        head_dim=d,
+        dtype=dtype,
+        device=dev,
+        **LAYOUTS[problem.layout],
+    )
     k = torch.empty(2, kvh, d, dtype=dtype)
     slots = torch.zeros(2, dtype=torch.int64)
     common: list[Any] = list(tk.write_launches(cache, 0, k, k, slots))
@@ -215,7 +236,7 @@ def _launches(
         qlens = torch.full((step.batch,), step.query_len, dtype=torch.int32)
         for arch in archs:
             att, _ = tk.attention_launches(
-                q, cache, 0, tables, lens, qlens, d**-0.5, num_sms=ARCHS[arch].num_sms
+                q, cache, 0, tables, lens, qlens, d**-0.5, num_sms=ARCHS[arch].num_sms, arch=arch
             )
             out += [(arch, step.name, launch) for launch in att]
     return out
@@ -252,7 +273,7 @@ class _Binders:
     def get(self, kernel: Any, arch: int) -> tuple[Any, Any]:
         from triton.backends.compiler import GPUTarget  # type: ignore[import-untyped]
         from triton.compiler import make_backend  # type: ignore[import-untyped]
-        from triton.runtime.jit import create_function_from_signature  # type: ignore[import-untyped]
+        from triton.runtime.jit import create_function_from_signature
 
         if arch not in self._backends:
             self._backends[arch] = make_backend(GPUTarget("cuda", arch, 32))
@@ -303,6 +324,7 @@ def _job(binders: _Binders, launch: Any, arch: int, problem: Problem) -> Compile
         + f" warps={options.num_warps} stages={options.num_stages}",
         head_dim=problem.head_dim,
         bits=problem.bits,
+        layout=problem.layout,
         dtype=str(problem.dtype).removeprefix("torch."),
         signature=signature,
         constexprs=constexprs,
@@ -332,7 +354,7 @@ def compile_jobs(
                 continue
             job = _job(binders, launch, arch, problem)
             job = jobs.setdefault(job.key, job)
-            origin = f"{problem} {step}"
+            origin = f"{problem}: {step}"
             if origin not in job.launched_by:
                 job.launched_by.append(origin)
     return sorted(jobs.values(), key=lambda j: (j.arch, j.kernel, j.head_dim, j.specialization))
@@ -377,6 +399,7 @@ def _compile(job: CompileJob) -> Result:
         specialization=job.specialization,
         head_dim=job.head_dim,
         bits=job.bits,
+        layout=job.layout,
         dtype=job.dtype,
         shared_limit=ARCHS[job.arch].shared_limit,
         num_warps=int(job.options["num_warps"]),
@@ -418,18 +441,19 @@ def run(
             todo.append(job)
         else:
             results[job.key] = cached
-    if todo:
-        if workers <= 1:
-            done = [_compile(job) for job in todo]
-        else:
-            ctx = multiprocessing.get_context("spawn")  # fresh processes: compiled kernels
-            with concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=ctx, initializer=_init_worker
-            ) as pool:
-                done = list(pool.map(_compile, todo, chunksize=1))
-        for job, result in zip(todo, done, strict=True):
-            results[job.key] = result
+    if workers <= 1 or len(todo) <= 1:
+        for job in todo:
+            results[job.key] = result = _compile(job)
             _store(cache_dir, job, result)
+    elif todo:
+        ctx = multiprocessing.get_context("spawn")  # fresh processes: compiled kernels
+        with concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker
+        ) as pool:
+            # Stored as they finish, so an interrupted run keeps what it compiled.
+            for job, result in zip(todo, pool.map(_compile, todo, chunksize=1), strict=True):
+                results[job.key] = result
+                _store(cache_dir, job, result)
     return [results[job.key] for job in jobs]
 
 
@@ -439,7 +463,8 @@ def _load(cache_dir: Path | None, job: CompileJob) -> Result | None:
     path = cache_dir / f"{job.key}.json"
     try:
         data = json.loads(path.read_text())
-        data["launched_by"] = job.launched_by  # the same kernel, maybe reached by more problems
+        # The same kernel, maybe reached by other problems first.
+        data.update(launched_by=job.launched_by, layout=job.layout)
         return Result(**data)
     except (OSError, ValueError, TypeError):
         return None

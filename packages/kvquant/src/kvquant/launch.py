@@ -87,6 +87,7 @@ class AttentionLaunch:
     num_warps: int
     num_stages: int
     combine_warps: int
+    combine_stages: int
 
     @property
     def decode(self) -> bool:
@@ -102,10 +103,10 @@ def attention_launch(
     head_dim: int,
     bits: int,
     float32: bool,
-    block_size: int,
     max_kv: int,
     num_kv_heads: int,
     num_sms: int | None,
+    arch: int | None,
     num_splits: int | None = None,
 ) -> AttentionLaunch:
     """Tiles for one attention call.
@@ -115,20 +116,27 @@ def attention_launch(
         group: query heads per KV head; ``head_dim``, ``bits``: the cache's.
         float32: ``tl.dot`` runs on float32 operands (float32 caches, or bfloat16 under the
             interpreter), which doubles the registers of the dot operands.
-        block_size: the cache's block size (tokens per block).
         max_kv: an upper bound on any sequence's length (block-table width x block size).
         num_kv_heads: programs per query tile (before splitting).
         num_sms: streaming multiprocessors of the GPU, ``None`` off-GPU (no KV split).
+        arch: compute capability x10 (80 for sm_80), ``None`` off-GPU.
         num_splits: forces the number of KV splits (tests); ``None`` picks it.
+
+    The register budget, from the AOT report (``python -m kvquant.aot``): a program keeps a
+    ``[rows, head_dim]`` float32 accumulator, its queries, and de-quantized ``[block_n,
+    head_dim]`` K and V tiles live. 16-row tiles of heads up to 128 fit 4 warps; larger ones
+    take 8. Before sm_90, Triton's software pipelining holds the next K/V tiles in registers,
+    which pushes 64-row tiles to 255 registers and past, so they run unpipelined there.
     """
     block_g = pow2(group)
     decode = num_tokens <= 2 * batch
     rows = max(16 if decode else 64, block_g)
     block_q = rows // block_g
     block_c = pow2(_code_width(head_dim, bits), at_least=16)
-    block_n = 64 if block_size >= 64 else 32
-    num_warps = 4
-    num_stages = 3
+    block_n = 32
+    wide = rows > 16 or pow2(head_dim) > 128 or float32
+    num_warps = 8 if wide else 4
+    num_stages = 1 if arch is not None and arch < 90 and rows > 16 else 3
     if num_splits is None:
         grid_tiles = -(-num_tokens // block_q) + batch
         num_splits = _splits(grid_tiles * num_kv_heads, max_kv, block_n, num_sms)
@@ -141,7 +149,9 @@ def attention_launch(
         num_splits=num_splits,
         num_warps=num_warps,
         num_stages=num_stages,
-        combine_warps=4,
+        # The merge loop reads [rows, head_dim] partials; unpipelined, it never spills.
+        combine_warps=8 if rows * pow2(head_dim) > 64 * 128 else 4,
+        combine_stages=1,
     )
 
 

@@ -462,10 +462,12 @@ def _attention_kernel(
     cmask = c < DC
     qmask = row_ok[:, None] & cmask[None, :]
     q_off = tok[:, None] * stride_qt + head[:, None] * stride_qh + c[None, :]
-    q_lo = tl.load(q_ptr + q_off, mask=qmask, other=0.0).to(tl.float32)
+    # Kept in the dot's input dtype: exact (q is stored in it, or widened to float32) and half
+    # the registers of a float32 copy.
+    q_lo = tl.load(q_ptr + q_off, mask=qmask, other=0.0).to(DOT_DTYPE)
     q_hi = q_lo
     if BITS == 4:
-        q_hi = tl.load(q_ptr + q_off + DC, mask=qmask, other=0.0).to(tl.float32)
+        q_hi = tl.load(q_ptr + q_off + DC, mask=qmask, other=0.0).to(DOT_DTYPE)
 
     kv_end = tl.minimum(seq_len, ctx + m0 + block_q)  # keys the tile's last token sees
     n_tiles = tl.cdiv(kv_end, BLOCK_N)
@@ -596,11 +598,13 @@ def attention_launches(
     softmax_scale: float,
     num_splits: int | None = None,
     num_sms: int | None = None,
+    arch: int | None = None,
 ) -> tuple[list[Launch], torch.Tensor]:
     """The launches of :func:`attention_triton` and the output they fill.
 
-    ``num_sms`` (streaming multiprocessors, ``None`` off-GPU) feeds the split-K heuristic of
-    :func:`kvquant.launch.attention_launch`; ``num_splits`` overrides it.
+    ``num_sms`` (streaming multiprocessors) and ``arch`` (compute capability x10), ``None``
+    off-GPU, are the device's, for :func:`kvquant.launch.attention_launch`; ``num_splits``
+    overrides its split-K heuristic.
     """
     t, num_heads, d = q.shape
     batch = seq_lens.shape[0]
@@ -619,10 +623,10 @@ def attention_launches(
         head_dim=d,
         bits=cache.bits,
         float32=float32,
-        block_size=cache.block_size,
         max_kv=block_tables.shape[1] * cache.block_size,
         num_kv_heads=kvh,
         num_sms=num_sms,
+        arch=arch,
         num_splits=num_splits,
     )
 
@@ -707,7 +711,13 @@ def attention_launches(
                     out.stride(1),
                     *tiling,
                 ),
-                dict(D=d, ROWS=p.rows, BLOCK_D=pow2(d), num_warps=p.combine_warps),
+                dict(
+                    D=d,
+                    ROWS=p.rows,
+                    BLOCK_D=pow2(d),
+                    num_warps=p.combine_warps,
+                    num_stages=p.combine_stages,
+                ),
             )
         )
     return launches, out
@@ -728,13 +738,13 @@ def attention_triton(
     No device value is read on the host: the launch grid is an upper bound on the number of
     query tiles (``cdiv(T, BLOCK_Q) + B``); surplus programs exit at once.
     """
-    num_sms = (
-        torch.cuda.get_device_properties(q.device).multi_processor_count
-        if q.device.type == "cuda"
-        else None
-    )
+    num_sms = arch = None
+    if q.device.type == "cuda":
+        props = torch.cuda.get_device_properties(q.device)
+        num_sms, arch = props.multi_processor_count, 10 * props.major + props.minor
     launches, out = attention_launches(
-        q, cache, layer, block_tables, seq_lens, query_lens, softmax_scale, num_splits, num_sms
+        q, cache, layer, block_tables, seq_lens, query_lens, softmax_scale, num_splits, num_sms,
+        arch,
     )
     for launch in launches:
         launch()
