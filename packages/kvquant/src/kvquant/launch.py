@@ -124,8 +124,8 @@ def attention_launch(
 
     The register budget, from the AOT report (``python -m kvquant.aot``): a program keeps a
     ``[rows, head_dim]`` float32 accumulator, its queries, and de-quantized ``[block_n,
-    head_dim]`` K and V tiles live. 16-row tiles of heads up to 128 fit 4 warps; larger ones
-    take 8. Before sm_90, Triton's software pipelining holds the next K/V tiles in registers,
+    head_dim]`` K and V tiles live. 16-row tiles of heads up to 128, and 64-row tiles of heads
+    up to 64, fit 4 warps; larger ones take 8. Before sm_90, Triton's software pipelining holds the next K/V tiles in registers,
     which pushes 64-row tiles to 255 registers and past, so they run unpipelined there.
     """
     block_g = pow2(group)
@@ -134,7 +134,8 @@ def attention_launch(
     block_q = rows // block_g
     block_c = pow2(_code_width(head_dim, bits), at_least=16)
     block_n = 32
-    wide = rows > 16 or pow2(head_dim) > 128 or float32
+    width = pow2(head_dim)
+    wide = (rows > 16 and width >= 128) or width > 128 or float32
     num_warps = 8 if wide else 4
     num_stages = 1 if arch is not None and arch < 90 and rows > 16 else 3
     if num_splits is None:
