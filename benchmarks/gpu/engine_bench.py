@@ -33,7 +33,7 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
 
 def run(name: str, prompts: list[list[int]], max_tokens: int, **cfg: Any) -> dict[str, Any]:
     engine = LLMEngine(EngineConfig(model="dummy:llama-3-8b", device="cuda", dtype="bfloat16",
-                                    cache_size_limit=0.5, **cfg))
+                                    cache_size_limit=0.5, weight_quant=None, **cfg))
     engine.generate([prompts[0][:40]], SamplingParams(max_tokens=4), use_tqdm=False)  # compile
     engine.reset_prefix_cache()
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
