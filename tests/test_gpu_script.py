@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "run.sh"
-STEPS = ["env", "pytest-matrix", "kernel-check", "decode-bench", "engine-bench"]
+STEPS = ["env", "kernel-check", "pytest-matrix", "decode-bench", "engine-bench"]
 
 
 def test_syntax() -> None:

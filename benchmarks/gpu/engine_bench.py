@@ -73,9 +73,9 @@ def run(name: str, prompts: list[list[int]], max_tokens: int, **cfg: Any) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("."))
-    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--system-tokens", type=int, default=2000)
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:

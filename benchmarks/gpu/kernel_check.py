@@ -7,15 +7,19 @@ without KV splits, compared with ``backend="torch"`` (the CPU reference path, he
 It needs no pytest: the device may not have it (``run.sh`` runs the pytest matrix too when
 pytest is there).
 
-Writes ``kernel_check.json`` (failures and per-kernel resource usage) under ``--out`` and exits
-1 on any mismatch. ``--quick``: head_dim 128 only.
+Cases run in ``--jobs`` processes (one GPU, several host processes), so the kernels compile in
+parallel; Triton's disk cache then serves later steps. Writes ``kernel_check.json`` (failures
+and per-kernel resource usage) under ``--out`` and exits 1 on any mismatch. ``--quick``:
+head_dim 128 only.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
 import json
+import multiprocessing
 import os
 import sys
 import traceback
@@ -105,25 +109,48 @@ def compiled_kernels() -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", type=Path, default=Path("."))
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    dims = [128] if args.quick else [64, 128, 256]
+Case = tuple[torch.dtype, int, int, int, int]
+
+
+def run_cases(cases: list[Case]) -> tuple[dict[str, list[str]], list[dict[str, Any]]]:
+    """Check ``cases`` (in a worker process); failures by case, and the kernels compiled."""
     failures: dict[str, list[str]] = {}
-    cases = list(itertools.product([torch.float16, torch.bfloat16], [0, 8, 4], dims, [1, 4, 8],
-                                   [16, 64]))
     for dtype, bits, d, group, block in cases:
         label = f"{str(dtype)[6:]} bits={bits} D={d} g={group} bs={block}"
         try:
             bad = check(dtype, bits, d, group, block)
         except Exception:
             bad = [traceback.format_exc(limit=3)]
-        print(f"{'FAIL' if bad else 'ok  '} {label}" + "".join(f"\n     {b}" for b in bad))
+        print(f"{'FAIL' if bad else 'ok  '} {label}" + "".join(f"\n     {b}" for b in bad),
+              flush=True)
         if bad:
             failures[label] = bad
-    kernels = compiled_kernels()
+    return failures, compiled_kernels()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1))
+    args = ap.parse_args()
+    dims = [128] if args.quick else [64, 128, 256]
+    cases = list(itertools.product([torch.float16, torch.bfloat16], [0, 8, 4], dims, [1, 4, 8],
+                                   [16, 64]))
+    # Cases sharing (dtype, bits, head_dim) share kernels: keep them in one process.
+    groups: dict[tuple[Any, ...], list[Case]] = {}
+    for c in cases:
+        groups.setdefault(c[:3], []).append(c)
+    chunks: list[list[Case]] = [[] for _ in range(max(1, args.jobs))]
+    for i, group_cases in enumerate(groups.values()):
+        chunks[i % len(chunks)] += group_cases
+    failures: dict[str, list[str]] = {}
+    kernels: list[dict[str, Any]] = []
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(len(chunks), mp_context=ctx) as pool:
+        for fails, compiled in pool.map(run_cases, [c for c in chunks if c]):
+            failures.update(fails)
+            kernels += compiled
     spilled = [k for k in kernels if k.get("spills")]
     print(f"{len(cases) - len(failures)}/{len(cases)} cases match; {len(kernels)} kernels "
           f"compiled, {len(spilled)} spill, max {max((k.get('registers', 0) for k in kernels), default=0)} registers")

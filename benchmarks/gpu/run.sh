@@ -34,10 +34,10 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # name | time limit (s) | command
 STEPS=(
     "env|30|$PY $HERE/env_report.py"
+    "kernel-check|90|$PY $HERE/kernel_check.py --out $OUT ${QUICK[*]:-}"
     "pytest-matrix|120|$PY -m pytest $ROOT/packages/kvquant/tests/test_triton.py -m 'slow or not slow' -q -p no:cacheprovider"
-    "kernel-check|120|$PY $HERE/kernel_check.py --out $OUT ${QUICK[*]:-}"
     "decode-bench|60|$PY $HERE/decode_bench.py --out $OUT ${QUICK[*]:-}"
-    "engine-bench|120|$PY $HERE/engine_bench.py --out $OUT ${QUICK[*]:-}"
+    "engine-bench|150|$PY $HERE/engine_bench.py --out $OUT ${QUICK[*]:-}"
 )
 
 if [[ $DRY == 1 ]]; then
