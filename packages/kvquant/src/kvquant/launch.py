@@ -75,7 +75,8 @@ class AttentionLaunch:
     """``_attention_kernel`` (and ``_combine_kernel`` when ``num_splits > 1``).
 
     A program covers ``rows = block_q * block_g`` query rows: ``block_q`` tokens times the GQA
-    group padded to ``block_g``, and walks the keys ``block_n`` at a time.
+    group padded to ``block_g``, and walks the keys ``block_n`` at a time. ``rows`` is 16 for
+    batches of (mostly) single decode tokens and 64 otherwise, or the padded group if larger.
     """
 
     rows: int
@@ -88,11 +89,6 @@ class AttentionLaunch:
     num_stages: int
     combine_warps: int
     combine_stages: int
-
-    @property
-    def decode(self) -> bool:
-        """The small-tile variant, chosen for batches of (mostly) single decode tokens."""
-        return self.rows <= 16
 
 
 def attention_launch(
