@@ -46,7 +46,7 @@ def main() -> None:
     after = group(json.loads(args.after.read_text()))
     rows = []
     for key in sorted(set(before) | set(after), key=str):
-        if key[1] not in ("attention", "combine"):
+        if key[1] not in ("attention", "combine", "seal"):
             continue
         b, a = before.get(key), after.get(key)
 

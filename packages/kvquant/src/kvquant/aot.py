@@ -60,6 +60,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "bits0": {"bits": 0},
     "int8": {"bits": 8},
     "int4": {"bits": 4},
+    "int4-block": {"bits": 4, "int4_layout": "block-channel", "residual_slots": 1},
 }
 DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
 HEAD_DIMS: tuple[int, ...] = (64, 128, 256)

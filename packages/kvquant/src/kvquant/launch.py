@@ -17,10 +17,12 @@ from dataclasses import dataclass
 __all__ = [
     "AttentionLaunch",
     "DequantizeLaunch",
+    "SealLaunch",
     "WriteLaunch",
     "attention_launch",
     "dequantize_launch",
     "pow2",
+    "seal_launch",
     "write_launch",
 ]
 
@@ -53,6 +55,23 @@ def write_launch(head_dim: int, bits: int) -> WriteLaunch:
     block_c = pow2(_code_width(head_dim, bits))
     values_per_head = block_c * (2 if bits == 4 else 1)
     return WriteLaunch(block_h=max(1, 1024 // values_per_head), block_c=block_c, num_warps=4)
+
+
+@dataclass(frozen=True)
+class SealLaunch:
+    """``_seal_kernel`` (block-channel keys): one program per (token, KV head); a token that
+    fills its block quantizes the block's ``[block_t, head_dim]`` keys."""
+
+    block_t: int
+    block_c: int
+    num_warps: int
+
+
+def seal_launch(head_dim: int, block_size: int) -> SealLaunch:
+    """The block's tokens (a power of two >= the block size) by half a head of channels; two
+    such float32 tiles are live, so tiles past 4096 values take 8 warps."""
+    block_t, block_c = pow2(block_size), pow2(head_dim // 2)
+    return SealLaunch(block_t, block_c, num_warps=8 if block_t * block_c > 4096 else 4)
 
 
 @dataclass(frozen=True)

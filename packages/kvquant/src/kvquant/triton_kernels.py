@@ -32,7 +32,7 @@ import triton  # type: ignore[import-untyped]
 import triton.language as tl  # type: ignore[import-untyped]
 
 from .kv_cache import KVCache
-from .launch import attention_launch, dequantize_launch, pow2, write_launch
+from .launch import attention_launch, dequantize_launch, pow2, seal_launch, write_launch
 from .quantization import EPS, code_dim, qmax, scale_zero_dtype
 
 __all__ = [
@@ -198,16 +198,138 @@ def _write_launch(
     )
 
 
+@_jit()
+def _channel_quantize(x: tl.tensor, mask: tl.tensor, SZ_DTYPE: tl.constexpr) -> Any:
+    """int4 codes of ``x [BLOCK_T, BLOCK_C]`` with one stored (scale, min) per column."""
+    mn = tl.min(tl.where(mask, x, float("inf")), axis=0)
+    mx = tl.max(tl.where(mask, x, float("-inf")), axis=0)
+    scale_s = tl.maximum((mx - mn) / 15.0, EPS_VALUE).to(SZ_DTYPE).to(tl.float32)
+    mn_s = mn.to(SZ_DTYPE).to(tl.float32)
+    q = tl.minimum(tl.maximum((x - mn_s[None, :]) / scale_s[None, :] + 0.5, 0.0), 15.0)
+    return q.to(tl.int32), scale_s, mn_s
+
+
+@_jit("num_kv_heads", "cache_block")
+def _seal_kernel(
+    x_ptr: tl.tensor,  # [T, KVH, D] new keys (last dim contiguous)
+    slot_ptr: tl.tensor,  # int64 [T]
+    res_ptr: tl.tensor,  # [R, cache_block, KVH, D] residual keys, cache dtype
+    rmap_ptr: tl.tensor,  # int32 [num_blocks]: residual slot of each block
+    codes_ptr: tl.tensor,  # uint8 [num_blocks, cache_block, KVH, D/2]
+    sz_ptr: tl.tensor,  # [num_blocks, KVH, D, 2]
+    stride_xt: tl.tensor,
+    stride_xh: tl.tensor,
+    num_kv_heads: tl.tensor,
+    cache_block: tl.tensor,
+    D: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # power of two >= cache_block
+    BLOCK_C: tl.constexpr,  # power of two >= D / 2
+) -> None:
+    """One program per (token, KV head); a token that fills its block quantizes the block.
+
+    The block's tokens written by this call sit just before the filling token (a block's tokens
+    are consecutive in one write); the earlier ones come from the block's residual slot.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    KVH = num_kv_heads
+    slot = tl.load(slot_ptr + t)
+    if (slot < 0) | (slot % cache_block != cache_block - 1):
+        return
+    blk = slot // cache_block
+    DC: tl.constexpr = D // 2
+    o = tl.arange(0, BLOCK_T)
+    c = tl.arange(0, BLOCK_C)
+    o_ok = o < cache_block
+    cmask = c < DC
+    src_t = t - (cache_block - 1) + o
+    src_ok = o_ok & (src_t >= 0)
+    src_slot = tl.load(slot_ptr + src_t, mask=src_ok, other=-1)
+    in_write = src_ok & (src_slot == blk * cache_block + o)
+    rslot = tl.load(rmap_ptr + blk).to(tl.int64)
+    # Masked-out source slots read as -1, never a valid slot.
+    from_res = o_ok & (src_slot != blk * cache_block + o) & (o * 0 + rslot >= 0)
+    x_off = src_t[:, None] * stride_xt + h * stride_xh + c[None, :]
+    r_off = ((rslot * cache_block + o) * KVH + h)[:, None] * D + c[None, :]
+    mask = o_ok[:, None] & cmask[None, :]
+    wmask = in_write[:, None] & cmask[None, :]
+    rmask = from_res[:, None] & cmask[None, :]
+    SZ_DTYPE = sz_ptr.dtype.element_ty
+    # Channels [0, D/2) (low nibbles), then [D/2, D) (high nibbles).
+    x_lo = tl.where(
+        wmask,
+        tl.load(x_ptr + x_off, mask=wmask, other=0.0).to(tl.float32),
+        tl.load(res_ptr + r_off, mask=rmask, other=0.0).to(tl.float32),
+    )
+    q_lo, s_lo, m_lo = _channel_quantize(x_lo, mask, SZ_DTYPE)
+    x_hi = tl.where(
+        wmask,
+        tl.load(x_ptr + x_off + DC, mask=wmask, other=0.0).to(tl.float32),
+        tl.load(res_ptr + r_off + DC, mask=rmask, other=0.0).to(tl.float32),
+    )
+    q_hi, s_hi, m_hi = _channel_quantize(x_hi, mask, SZ_DTYPE)
+    dst = codes_ptr + ((blk * cache_block + o) * KVH + h)[:, None] * DC + c[None, :]
+    tl.store(dst, (q_lo | (q_hi << 4)).to(tl.uint8), mask=mask)
+    sz = sz_ptr + ((blk * KVH + h) * D + c) * 2
+    tl.store(sz, s_lo.to(SZ_DTYPE), mask=cmask)
+    tl.store(sz + 1, m_lo.to(SZ_DTYPE), mask=cmask)
+    tl.store(sz + 2 * DC, s_hi.to(SZ_DTYPE), mask=cmask)
+    tl.store(sz + 2 * DC + 1, m_hi.to(SZ_DTYPE), mask=cmask)
+
+
+def _key_block_channel_launches(
+    cache: KVCache, layer: int, k: torch.Tensor, slot_mapping: torch.Tensor
+) -> list[Launch]:
+    """Block-channel keys: quantize each block that this write fills, then scatter the other
+    tokens to their block's residual slot (in that order: a sequence's next, partial block may
+    reuse the slot of the block it just filled). No host sync: residual rows are computed on
+    the device."""
+    t, kvh, d = k.shape
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    bs = cache.block_size
+    residual = cache.k_residual[layer]
+    p = seal_launch(d, bs)
+    seal = Launch(
+        _seal_kernel,
+        (t, kvh),
+        (
+            k,
+            slot_mapping,
+            residual,
+            cache.residual_map,
+            cache.k[layer],
+            cache.k_scale_zero[layer],
+            k.stride(0),
+            k.stride(1),
+            kvh,
+            bs,
+        ),
+        dict(D=d, BLOCK_T=p.block_t, BLOCK_C=p.block_c, num_warps=p.num_warps),
+    )
+    # A token goes to the residual unless its block's last slot is written in this call.
+    offs = slot_mapping.remainder(bs)
+    last = torch.arange(t, device=k.device) + (bs - 1 - offs)
+    last_slot = slot_mapping[last.clamp(max=t - 1)]
+    fills = (last < t) & (last_slot == slot_mapping + (bs - 1 - offs))
+    blocks = slot_mapping.clamp(min=0) // bs
+    rows = cache.residual_map[blocks].to(torch.int64) * bs + offs
+    rows = torch.where((slot_mapping >= 0) & ~fills, rows, torch.full_like(rows, -1))
+    return [seal, _write_launch(k, rows, residual, None, 0)]
+
+
 def write_launches(
     cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> list[Launch]:
-    """The launches of :func:`write_triton` (one for K, one for V)."""
-    return [
-        _write_launch(src, slot_mapping, dst, sz, cache.bits)
-        for src, dst, sz in (
-            (k, cache.k[layer], cache.k_scale_zero[layer]),
-            (v, cache.v[layer], cache.v_scale_zero[layer]),
-        )
+    """The launches of :func:`write_triton`, in order: K (block-channel: seal, then residual
+    scatter), then V."""
+    keys = (
+        _key_block_channel_launches(cache, layer, k, slot_mapping)
+        if cache.block_channel
+        else [_write_launch(k, slot_mapping, cache.k[layer], cache.k_scale_zero[layer], cache.bits)]
+    )
+    return keys + [
+        _write_launch(v, slot_mapping, cache.v[layer], cache.v_scale_zero[layer], cache.bits)
     ]
 
 
@@ -385,6 +507,45 @@ def _load_kv(
     return tl.where(mask, x, 0.0)
 
 
+@_jit()
+def _load_k_channel(
+    k_ptr: tl.tensor,
+    ksz_ptr: tl.tensor,
+    res_ptr: tl.tensor,
+    rmap_ptr: tl.tensor,
+    blk: tl.tensor,
+    j: tl.tensor,
+    seq_len: tl.tensor,
+    row: tl.tensor,
+    kvh: tl.tensor,
+    c: tl.tensor,
+    kmask: tl.tensor,
+    num_kv_heads: tl.tensor,
+    cache_block: tl.tensor,
+    HALF: tl.constexpr,
+    D: tl.constexpr,
+    DC: tl.constexpr,
+) -> Any:
+    """Block-channel keys ``[BLOCK_N, BLOCK_C]`` (channels ``c + HALF * D/2``) at positions
+    ``j``: de-quantized with their block's per-channel (scale, min) where the block is full,
+    the exact residual keys where it is the sequence's last, partial block."""
+    full = (j // cache_block + 1) * cache_block <= seq_len
+    is_open = (j // cache_block + 1) * cache_block > seq_len
+    ch = c + HALF * DC
+    fmask = kmask & full[:, None]
+    raw = tl.load(k_ptr + row[:, None] * DC + c[None, :], mask=fmask, other=0).to(tl.int32)
+    codes = (raw >> (4 * HALF)) & 0xF
+    sz_off = ((blk.to(tl.int64) * num_kv_heads + kvh) * D)[:, None] + ch[None, :]
+    s = tl.load(ksz_ptr + sz_off * 2, mask=fmask, other=0.0).to(tl.float32)
+    m = tl.load(ksz_ptr + sz_off * 2 + 1, mask=fmask, other=0.0).to(tl.float32)
+    omask = kmask & is_open[:, None]
+    rslot = tl.load(rmap_ptr + blk, mask=is_open, other=0).to(tl.int64)
+    rrow = (rslot * cache_block + j % cache_block) * num_kv_heads + kvh
+    res = tl.load(res_ptr + rrow[:, None] * D + ch[None, :], mask=omask, other=0.0)
+    x = tl.where(full[:, None], codes.to(tl.float32) * s + m, res.to(tl.float32))
+    return tl.where(kmask, x, 0.0)
+
+
 @_jit(
     "num_seqs",
     "stride_bt",
@@ -403,6 +564,8 @@ def _attention_kernel(
     v_ptr: tl.tensor,
     ksz_ptr: tl.tensor,
     vsz_ptr: tl.tensor,
+    kres_ptr: tl.tensor,  # block-channel: residual keys [R, cache_block, KVH, D]
+    rmap_ptr: tl.tensor,  # block-channel: int32 residual slot of each block
     block_tables_ptr: tl.tensor,
     seq_lens_ptr: tl.tensor,
     query_lens_ptr: tl.tensor,
@@ -431,6 +594,7 @@ def _attention_kernel(
     BLOCK_C: tl.constexpr,  # power of two >= D (bits 0/8) or D/2 (bits 4), >= 16
     SPLIT: tl.constexpr,  # num_splits > 1: write partial results for _combine_kernel
     DOT_DTYPE: tl.constexpr,
+    KEY_CHANNEL: tl.constexpr,  # block-channel int4 keys (bits 4 only)
 ) -> None:
     """One program per (query tile of one sequence, KV head, KV split).
 
@@ -486,11 +650,23 @@ def _attention_kernel(
         blk = tl.load(block_tables_ptr + b * stride_bt + j // cache_block, mask=j_ok, other=0)
         row = (blk.to(tl.int64) * cache_block + j % cache_block) * num_kv_heads + kvh
         kmask = j_ok[:, None] & cmask[None, :]
-        k_lo = _load_kv(k_ptr, ksz_ptr, row, j_ok, c, kmask, BITS, 0, DC)
-        s = _mm(q_lo, tl.trans(k_lo), DOT_DTYPE)
-        if BITS == 4:
-            k_hi = _load_kv(k_ptr, ksz_ptr, row, j_ok, c, kmask, BITS, 1, DC)
+        if KEY_CHANNEL:
+            k_lo = _load_k_channel(
+                k_ptr, ksz_ptr, kres_ptr, rmap_ptr, blk, j, seq_len, row, kvh, c, kmask,
+                num_kv_heads, cache_block, 0, D, DC,
+            )  # fmt: skip
+            s = _mm(q_lo, tl.trans(k_lo), DOT_DTYPE)
+            k_hi = _load_k_channel(
+                k_ptr, ksz_ptr, kres_ptr, rmap_ptr, blk, j, seq_len, row, kvh, c, kmask,
+                num_kv_heads, cache_block, 1, D, DC,
+            )  # fmt: skip
             s += _mm(q_hi, tl.trans(k_hi), DOT_DTYPE)
+        else:
+            k_lo = _load_kv(k_ptr, ksz_ptr, row, j_ok, c, kmask, BITS, 0, DC)
+            s = _mm(q_lo, tl.trans(k_lo), DOT_DTYPE)
+            if BITS == 4:
+                k_hi = _load_kv(k_ptr, ksz_ptr, row, j_ok, c, kmask, BITS, 1, DC)
+                s += _mm(q_hi, tl.trans(k_hi), DOT_DTYPE)
         s = s * scale_log2
         allowed = (j[None, :] <= qpos[:, None]) & j_ok[None, :]
         s = tl.where(allowed, s, float("-inf"))
@@ -659,6 +835,8 @@ def attention_launches(
                 v,
                 ksz if ksz is not None else k,
                 vsz if vsz is not None else v,
+                cache.k_residual[layer] if cache.block_channel else k,
+                cache.residual_map if cache.block_channel else k,
                 block_tables,
                 seq_lens,
                 query_lens,
@@ -689,6 +867,7 @@ def attention_launches(
                 BLOCK_C=p.block_c,
                 SPLIT=splits > 1,
                 DOT_DTYPE=dot_dtype,
+                KEY_CHANNEL=cache.block_channel,
                 num_warps=p.num_warps,
                 num_stages=p.num_stages,
             ),
