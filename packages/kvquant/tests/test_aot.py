@@ -3,8 +3,8 @@ sm_80 and sm_90, nothing spills at head_dim <= 128, and shared memory fits sm_80
 
 Runs ``python -m kvquant.aot`` in a fresh process (these tests import the kernels under the
 Triton interpreter; the compiler needs them compiled), on two compiler processes, with results
-cached under pytest's cache directory (and Triton's own cache): a cold run compiles about 250
-kernels (about 4 minutes of CPU time), a warm one takes seconds. Marked slow; CI runs it on its
+cached under pytest's cache directory (and Triton's own cache): a cold run compiles about 340
+kernels (several minutes), a warm one takes seconds. Marked slow; CI runs it on its
 own (.ci/run).
 """
 
