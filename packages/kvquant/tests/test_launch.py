@@ -55,3 +55,15 @@ def test_write_and_dequantize_tiles(head_dim: int, bits: int) -> None:
     assert values >= head_dim and w.block_h * values == max(1024, values)
     d = launch.dequantize_launch(head_dim, bits)
     assert d.block_c * (2 if bits == 4 else 1) >= head_dim and d.block_r >= 1
+
+
+@pytest.mark.parametrize(("head_dim", "block_size"), itertools.product([64, 80, 128, 256],
+                                                                      [1, 16, 24, 32, 64]))
+def test_seal_tile_covers_the_block(head_dim: int, block_size: int) -> None:
+    p = launch.seal_launch(head_dim, block_size)
+    for n in (p.block_t, p.block_c):
+        assert n & (n - 1) == 0  # Triton blocks are powers of two
+    assert block_size <= p.block_t < 2 * block_size
+    assert head_dim // 2 <= p.block_c < head_dim
+    # Two float32 tiles are live: at most 32 values of each per thread (no spills, AOT report).
+    assert p.block_t * p.block_c <= 32 * 32 * p.num_warps
