@@ -57,8 +57,8 @@ def test_write_and_dequantize_tiles(head_dim: int, bits: int) -> None:
     assert d.block_c * (2 if bits == 4 else 1) >= head_dim and d.block_r >= 1
 
 
-@pytest.mark.parametrize(("head_dim", "block_size"), itertools.product([64, 80, 128, 256],
-                                                                      [1, 16, 24, 32, 64]))
+@pytest.mark.parametrize(("head_dim", "block_size"), list(itertools.product([64, 80, 128, 256],
+                                                                      [1, 16, 24, 32, 64])))
 def test_seal_tile_covers_the_block(head_dim: int, block_size: int) -> None:
     p = launch.seal_launch(head_dim, block_size)
     for n in (p.block_t, p.block_c):
