@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,9 +32,20 @@ import triton  # type: ignore[import-untyped]
 import triton.language as tl  # type: ignore[import-untyped]
 
 from .kv_cache import KVCache
+from .launch import attention_launch, dequantize_launch, pow2, seal_launch, write_launch
 from .quantization import EPS, code_dim, qmax, scale_zero_dtype
 
-__all__ = ["attention_triton", "dequantize_triton", "quantize_triton", "write_triton"]
+__all__ = [
+    "Launch",
+    "attention_launches",
+    "attention_triton",
+    "dequantize_launches",
+    "dequantize_triton",
+    "quantize_launches",
+    "quantize_triton",
+    "write_launches",
+    "write_triton",
+]
 
 _TL_DTYPES = {
     torch.float16: tl.float16,
@@ -42,18 +54,33 @@ _TL_DTYPES = {
 }
 
 
-def _pow2(n: int, at_least: int = 1) -> int:
-    return max(at_least, int(triton.next_power_of_2(n)))
-
-
-def _jit(fn: Callable[..., object]) -> Any:
+def _jit(*dynamic: str) -> Callable[[Callable[..., object]], Any]:
     """``triton.jit`` (compiled, or interpreted under TRITON_INTERPRET=1), typed for mypy.
 
     Kernel parameters are annotated ``tl.tensor`` (pointers and runtime scalars) or
     ``tl.constexpr``; Triton only specializes on annotations naming a dtype, so ``tl.tensor``
-    changes nothing at launch.
+    changes nothing at launch. ``dynamic`` names integer parameters that change from step to
+    step or model to model (batch size, KV heads, ...): Triton would otherwise compile a
+    variant for the value 1 and for multiples of 16.
     """
-    return triton.jit(fn)
+
+    def wrap(fn: Callable[..., object]) -> Any:
+        return triton.jit(fn, do_not_specialize=list(dynamic))
+
+    return wrap
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch, built apart from running it so :mod:`kvquant.aot` can compile it."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)  # constexprs, num_warps, num_stages
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)
 
 
 def _interpreting() -> bool:
@@ -67,7 +94,7 @@ def _interpreting() -> bool:
 EPS_VALUE = tl.constexpr(EPS)
 
 
-@_jit
+@_jit()
 def _quantize_tile(
     x_lo: tl.tensor,
     x_hi: tl.tensor,
@@ -97,7 +124,7 @@ def _quantize_tile(
     return codes.to(tl.uint8), scale_s, mn_s
 
 
-@_jit
+@_jit("num_heads")
 def _write_kernel(
     x_ptr: tl.tensor,  # [T, H, D] source values (last dim contiguous)
     slot_ptr: tl.tensor,  # int64 [T] destination row groups; unused when not HAS_SLOTS
@@ -105,21 +132,23 @@ def _write_kernel(
     sz_ptr: tl.tensor,  # [rows, H, 2] destination (scale, min); unused for bits 0
     stride_xt: tl.tensor,
     stride_xh: tl.tensor,
-    H: tl.constexpr,
+    num_heads: tl.tensor,
     D: tl.constexpr,
     BITS: tl.constexpr,
     HAS_SLOTS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_C: tl.constexpr,  # power of two >= the stored width DC
 ) -> None:
-    """One program per token: every head of token ``t`` goes to row ``slot[t]`` (or ``t``)."""
+    """One program per (token, ``BLOCK_H`` heads): head ``h`` of token ``t`` goes to row
+    ``slot[t]`` (or ``t``)."""
     t = tl.program_id(0).to(tl.int64)
     row = t
     if HAS_SLOTS:
         row = tl.load(slot_ptr + t)
     if row < 0:  # padding token
         return
-    h = tl.arange(0, BLOCK_H)
+    H = num_heads
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     c = tl.arange(0, BLOCK_C)
     DC: tl.constexpr = D // 2 if BITS == 4 else D
     mask = (h[:, None] < H) & (c[None, :] < DC)
@@ -141,35 +170,35 @@ def _write_kernel(
         tl.store(sz_ptr + dst_row * 2 + 1, mn_s.to(sz_ptr.dtype.element_ty), mask=hmask)
 
 
-def _launch_write(
+def _write_launch(
     x: torch.Tensor,
     slots: torch.Tensor | None,
     codes: torch.Tensor,
     scale_zero: torch.Tensor | None,
     bits: int,
-) -> None:
+) -> Launch:
     """``x`` is ``[T, H, D]`` with a contiguous last dim; outputs are contiguous."""
     t, h, d = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     sz = scale_zero if scale_zero is not None else codes  # placeholder pointer for bits 0
-    _write_kernel[(t,)](
-        x,
-        slots if slots is not None else codes,
-        codes,
-        sz,
-        x.stride(0),
-        x.stride(1),
-        H=h,
-        D=d,
-        BITS=bits,
-        HAS_SLOTS=slots is not None,
-        BLOCK_H=_pow2(h),
-        BLOCK_C=_pow2(code_dim(d, bits)),
+    p = write_launch(d, bits)
+    return Launch(
+        _write_kernel,
+        (t, triton.cdiv(h, p.block_h)),
+        (x, slots if slots is not None else codes, codes, sz, x.stride(0), x.stride(1), h),
+        dict(
+            D=d,
+            BITS=bits,
+            HAS_SLOTS=slots is not None,
+            BLOCK_H=p.block_h,
+            BLOCK_C=p.block_c,
+            num_warps=p.num_warps,
+        ),
     )
 
 
-@_jit
+@_jit()
 def _channel_quantize(x: tl.tensor, mask: tl.tensor, SZ_DTYPE: tl.constexpr) -> Any:
     """int4 codes of ``x [BLOCK_T, BLOCK_C]`` with one stored (scale, min) per column."""
     mn = tl.min(tl.where(mask, x, float("inf")), axis=0)
@@ -180,20 +209,20 @@ def _channel_quantize(x: tl.tensor, mask: tl.tensor, SZ_DTYPE: tl.constexpr) -> 
     return q.to(tl.int32), scale_s, mn_s
 
 
-@_jit
+@_jit("num_kv_heads", "cache_block")
 def _seal_kernel(
     x_ptr: tl.tensor,  # [T, KVH, D] new keys (last dim contiguous)
     slot_ptr: tl.tensor,  # int64 [T]
-    res_ptr: tl.tensor,  # [R, CACHE_BLOCK, KVH, D] residual keys, cache dtype
+    res_ptr: tl.tensor,  # [R, cache_block, KVH, D] residual keys, cache dtype
     rmap_ptr: tl.tensor,  # int32 [num_blocks]: residual slot of each block
-    codes_ptr: tl.tensor,  # uint8 [num_blocks, CACHE_BLOCK, KVH, D/2]
+    codes_ptr: tl.tensor,  # uint8 [num_blocks, cache_block, KVH, D/2]
     sz_ptr: tl.tensor,  # [num_blocks, KVH, D, 2]
     stride_xt: tl.tensor,
     stride_xh: tl.tensor,
-    KVH: tl.constexpr,
+    num_kv_heads: tl.tensor,
+    cache_block: tl.tensor,
     D: tl.constexpr,
-    CACHE_BLOCK: tl.constexpr,
-    BLOCK_T: tl.constexpr,  # power of two >= CACHE_BLOCK
+    BLOCK_T: tl.constexpr,  # power of two >= cache_block
     BLOCK_C: tl.constexpr,  # power of two >= D / 2
 ) -> None:
     """One program per (token, KV head); a token that fills its block quantizes the block.
@@ -203,24 +232,25 @@ def _seal_kernel(
     """
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    KVH = num_kv_heads
     slot = tl.load(slot_ptr + t)
-    if (slot < 0) | (slot % CACHE_BLOCK != CACHE_BLOCK - 1):
+    if (slot < 0) | (slot % cache_block != cache_block - 1):
         return
-    blk = slot // CACHE_BLOCK
+    blk = slot // cache_block
     DC: tl.constexpr = D // 2
     o = tl.arange(0, BLOCK_T)
     c = tl.arange(0, BLOCK_C)
-    o_ok = o < CACHE_BLOCK
+    o_ok = o < cache_block
     cmask = c < DC
-    src_t = t - (CACHE_BLOCK - 1) + o
+    src_t = t - (cache_block - 1) + o
     src_ok = o_ok & (src_t >= 0)
     src_slot = tl.load(slot_ptr + src_t, mask=src_ok, other=-1)
-    in_write = src_ok & (src_slot == blk * CACHE_BLOCK + o)
+    in_write = src_ok & (src_slot == blk * cache_block + o)
     rslot = tl.load(rmap_ptr + blk).to(tl.int64)
     # Masked-out source slots read as -1, never a valid slot.
-    from_res = o_ok & (src_slot != blk * CACHE_BLOCK + o) & (o * 0 + rslot >= 0)
+    from_res = o_ok & (src_slot != blk * cache_block + o) & (o * 0 + rslot >= 0)
     x_off = src_t[:, None] * stride_xt + h * stride_xh + c[None, :]
-    r_off = ((rslot * CACHE_BLOCK + o) * KVH + h)[:, None] * D + c[None, :]
+    r_off = ((rslot * cache_block + o) * KVH + h)[:, None] * D + c[None, :]
     mask = o_ok[:, None] & cmask[None, :]
     wmask = in_write[:, None] & cmask[None, :]
     rmask = from_res[:, None] & cmask[None, :]
@@ -238,7 +268,7 @@ def _seal_kernel(
         tl.load(res_ptr + r_off + DC, mask=rmask, other=0.0).to(tl.float32),
     )
     q_hi, s_hi, m_hi = _channel_quantize(x_hi, mask, SZ_DTYPE)
-    dst = codes_ptr + ((blk * CACHE_BLOCK + o) * KVH + h)[:, None] * DC + c[None, :]
+    dst = codes_ptr + ((blk * cache_block + o) * KVH + h)[:, None] * DC + c[None, :]
     tl.store(dst, (q_lo | (q_hi << 4)).to(tl.uint8), mask=mask)
     sz = sz_ptr + ((blk * KVH + h) * D + c) * 2
     tl.store(sz, s_lo.to(SZ_DTYPE), mask=cmask)
@@ -247,9 +277,9 @@ def _seal_kernel(
     tl.store(sz + 2 * DC + 1, m_hi.to(SZ_DTYPE), mask=cmask)
 
 
-def _write_keys_block_channel(
+def _key_block_channel_launches(
     cache: KVCache, layer: int, k: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
+) -> list[Launch]:
     """Block-channel keys: quantize each block that this write fills, then scatter the other
     tokens to their block's residual slot (in that order: a sequence's next, partial block may
     reuse the slot of the block it just filled). No host sync: residual rows are computed on
@@ -258,22 +288,24 @@ def _write_keys_block_channel(
     if k.stride(-1) != 1:
         k = k.contiguous()
     bs = cache.block_size
-    sz = cache.k_scale_zero[layer]
     residual = cache.k_residual[layer]
-    _seal_kernel[(t, kvh)](
-        k,
-        slot_mapping,
-        residual,
-        cache.residual_map,
-        cache.k[layer],
-        sz,
-        k.stride(0),
-        k.stride(1),
-        KVH=kvh,
-        D=d,
-        CACHE_BLOCK=bs,
-        BLOCK_T=_pow2(bs),
-        BLOCK_C=_pow2(d // 2),
+    p = seal_launch(d, bs)
+    seal = Launch(
+        _seal_kernel,
+        (t, kvh),
+        (
+            k,
+            slot_mapping,
+            residual,
+            cache.residual_map,
+            cache.k[layer],
+            cache.k_scale_zero[layer],
+            k.stride(0),
+            k.stride(1),
+            kvh,
+            bs,
+        ),
+        dict(D=d, BLOCK_T=p.block_t, BLOCK_C=p.block_c, num_warps=p.num_warps),
     )
     # A token goes to the residual unless its block's last slot is written in this call.
     offs = slot_mapping.remainder(bs)
@@ -283,26 +315,36 @@ def _write_keys_block_channel(
     blocks = slot_mapping.clamp(min=0) // bs
     rows = cache.residual_map[blocks].to(torch.int64) * bs + offs
     rows = torch.where((slot_mapping >= 0) & ~fills, rows, torch.full_like(rows, -1))
-    _launch_write(k, rows, residual, None, 0)
+    return [seal, _write_launch(k, rows, residual, None, 0)]
+
+
+def write_launches(
+    cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> list[Launch]:
+    """The launches of :func:`write_triton`, in order: K (block-channel: seal, then residual
+    scatter), then V."""
+    keys = (
+        _key_block_channel_launches(cache, layer, k, slot_mapping)
+        if cache.block_channel
+        else [_write_launch(k, slot_mapping, cache.k[layer], cache.k_scale_zero[layer], cache.bits)]
+    )
+    return keys + [
+        _write_launch(v, slot_mapping, cache.v[layer], cache.v_scale_zero[layer], cache.bits)
+    ]
 
 
 def write_triton(
     cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Fused quantize-and-scatter of ``k``, ``v`` ``[T, kv_heads, D]`` into their slots."""
-    pairs = [
-        (k, cache.k[layer], cache.k_scale_zero[layer]),
-        (v, cache.v[layer], cache.v_scale_zero[layer]),
-    ]
-    if cache.block_channel:
-        _write_keys_block_channel(cache, layer, k, slot_mapping)
-        pairs = pairs[1:]
-    for src, dst, sz in pairs:
-        _launch_write(src, slot_mapping, dst, sz, cache.bits)
+    for launch in write_launches(cache, layer, k, v, slot_mapping):
+        launch()
 
 
-def quantize_triton(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`kvquant.quantize` in Triton (``x[..., D]``, validated by the caller)."""
+def quantize_launches(
+    x: torch.Tensor, bits: int
+) -> tuple[list[Launch], torch.Tensor, torch.Tensor]:
+    """The launches of :func:`quantize_triton` and the codes and scales they fill."""
     qmax(bits)
     d = x.shape[-1]
     lead = x.shape[:-1]
@@ -311,12 +353,19 @@ def quantize_triton(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     rows = x.reshape(-1, 1, d)
     codes = torch.empty(*lead, code_dim(d, bits), dtype=torch.uint8, device=x.device)
     sz = torch.empty(*lead, 2, dtype=scale_zero_dtype(x.dtype), device=x.device)
-    if rows.shape[0]:
-        _launch_write(rows, None, codes, sz, bits)
+    launches = [_write_launch(rows, None, codes, sz, bits)] if rows.shape[0] else []
+    return launches, codes, sz
+
+
+def quantize_triton(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kvquant.quantize` in Triton (``x[..., D]``, validated by the caller)."""
+    launches, codes, sz = quantize_launches(x, bits)
+    for launch in launches:
+        launch()
     return codes, sz
 
 
-@_jit
+@_jit("N")
 def _dequantize_kernel(
     codes_ptr: tl.tensor,  # uint8 [N, DC]
     sz_ptr: tl.tensor,  # [N, 2]
@@ -352,10 +401,10 @@ def _dequantize_kernel(
         tl.store(out_ptr + r[:, None] * D + c[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def dequantize_triton(
+def dequantize_launches(
     codes: torch.Tensor, scale_zero: torch.Tensor, bits: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """:func:`kvquant.dequantize` in Triton (validated by the caller)."""
+) -> tuple[list[Launch], torch.Tensor]:
+    """The launches of :func:`dequantize_triton` and the buffer they fill."""
     dc = codes.shape[-1]
     d = 2 * dc if bits == 4 else dc
     # float16 is written by the kernel; bfloat16 (which the interpreter rounds by truncation)
@@ -364,20 +413,33 @@ def dequantize_triton(
     out = torch.empty(*codes.shape[:-1], d, dtype=out_dtype, device=codes.device)
     flat_codes = codes.reshape(-1, dc).contiguous()
     n = flat_codes.shape[0]
-    if n:
-        block_r = 16
-        clamp = torch.finfo(torch.float16).max if dtype == torch.float16 else 0.0
-        _dequantize_kernel[(triton.cdiv(n, block_r),)](
-            flat_codes,
-            scale_zero.reshape(-1, 2).contiguous(),
-            out,
-            n,
+    if not n:
+        return [], out
+    p = dequantize_launch(d, bits)
+    clamp = torch.finfo(torch.float16).max if dtype == torch.float16 else 0.0
+    launch = Launch(
+        _dequantize_kernel,
+        (triton.cdiv(n, p.block_r),),
+        (flat_codes, scale_zero.reshape(-1, 2).contiguous(), out, n),
+        dict(
             D=d,
             BITS=bits,
             CLAMP=clamp,
-            BLOCK_R=block_r,
-            BLOCK_C=_pow2(dc),
-        )
+            BLOCK_R=p.block_r,
+            BLOCK_C=p.block_c,
+            num_warps=p.num_warps,
+        ),
+    )
+    return [launch], out
+
+
+def dequantize_triton(
+    codes: torch.Tensor, scale_zero: torch.Tensor, bits: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`kvquant.dequantize` in Triton (validated by the caller)."""
+    launches, out = dequantize_launches(codes, scale_zero, bits, dtype)
+    for launch in launches:
+        launch()
     return out.to(dtype)
 
 
@@ -386,9 +448,9 @@ def dequantize_triton(
 # --------------------------------------------------------------------------------------------
 
 
-@_jit
+@_jit()
 def _find_sequence(
-    tile: tl.tensor, cu_tiles_ptr: tl.tensor, num_seqs: tl.tensor, SEARCH_STEPS: tl.constexpr
+    tile: tl.tensor, cu_tiles_ptr: tl.tensor, num_seqs: tl.tensor, search_steps: tl.tensor
 ) -> Any:
     """Sequence ``b`` with ``cu_tiles[b] <= tile < cu_tiles[b + 1]`` (binary search).
 
@@ -397,7 +459,7 @@ def _find_sequence(
     """
     lo = tile * 0
     hi = lo + num_seqs
-    for _ in range(SEARCH_STEPS):
+    for _ in range(search_steps):
         mid = (lo + hi) // 2
         go = tl.load(cu_tiles_ptr + mid) <= tile
         lo = tl.where(go, mid, lo)
@@ -405,7 +467,7 @@ def _find_sequence(
     return lo
 
 
-@_jit
+@_jit()
 def _mm(a: tl.tensor, b: tl.tensor, DOT_DTYPE: tl.constexpr) -> Any:
     """``a @ b`` with float32 accumulation; exact float32 products when DOT_DTYPE is float32."""
     if tl.float32 == DOT_DTYPE:
@@ -414,7 +476,7 @@ def _mm(a: tl.tensor, b: tl.tensor, DOT_DTYPE: tl.constexpr) -> Any:
         return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
 
 
-@_jit
+@_jit()
 def _load_kv(
     base_ptr: tl.tensor,
     sz_ptr: tl.tensor,
@@ -445,7 +507,7 @@ def _load_kv(
     return tl.where(mask, x, 0.0)
 
 
-@_jit
+@_jit()
 def _load_k_channel(
     k_ptr: tl.tensor,
     ksz_ptr: tl.tensor,
@@ -458,33 +520,43 @@ def _load_k_channel(
     kvh: tl.tensor,
     c: tl.tensor,
     kmask: tl.tensor,
+    num_kv_heads: tl.tensor,
+    cache_block: tl.tensor,
     HALF: tl.constexpr,
-    KVH: tl.constexpr,
     D: tl.constexpr,
     DC: tl.constexpr,
-    CACHE_BLOCK: tl.constexpr,
 ) -> Any:
     """Block-channel keys ``[BLOCK_N, BLOCK_C]`` (channels ``c + HALF * D/2``) at positions
     ``j``: de-quantized with their block's per-channel (scale, min) where the block is full,
     the exact residual keys where it is the sequence's last, partial block."""
-    full = (j // CACHE_BLOCK + 1) * CACHE_BLOCK <= seq_len
-    is_open = (j // CACHE_BLOCK + 1) * CACHE_BLOCK > seq_len
+    full = (j // cache_block + 1) * cache_block <= seq_len
+    is_open = (j // cache_block + 1) * cache_block > seq_len
     ch = c + HALF * DC
     fmask = kmask & full[:, None]
     raw = tl.load(k_ptr + row[:, None] * DC + c[None, :], mask=fmask, other=0).to(tl.int32)
     codes = (raw >> (4 * HALF)) & 0xF
-    sz_off = ((blk.to(tl.int64) * KVH + kvh) * D)[:, None] + ch[None, :]
+    sz_off = ((blk.to(tl.int64) * num_kv_heads + kvh) * D)[:, None] + ch[None, :]
     s = tl.load(ksz_ptr + sz_off * 2, mask=fmask, other=0.0).to(tl.float32)
     m = tl.load(ksz_ptr + sz_off * 2 + 1, mask=fmask, other=0.0).to(tl.float32)
     omask = kmask & is_open[:, None]
     rslot = tl.load(rmap_ptr + blk, mask=is_open, other=0).to(tl.int64)
-    rrow = (rslot * CACHE_BLOCK + j % CACHE_BLOCK) * KVH + kvh
+    rrow = (rslot * cache_block + j % cache_block) * num_kv_heads + kvh
     res = tl.load(res_ptr + rrow[:, None] * D + ch[None, :], mask=omask, other=0.0)
     x = tl.where(full[:, None], codes.to(tl.float32) * s + m, res.to(tl.float32))
     return tl.where(kmask, x, 0.0)
 
 
-@_jit
+@_jit(
+    "num_seqs",
+    "stride_bt",
+    "num_kv_heads",
+    "group",
+    "cache_block",
+    "block_q",
+    "block_g",
+    "num_splits",
+    "search_steps",
+)
 def _attention_kernel(
     q_ptr: tl.tensor,
     out_ptr: tl.tensor,
@@ -492,15 +564,15 @@ def _attention_kernel(
     v_ptr: tl.tensor,
     ksz_ptr: tl.tensor,
     vsz_ptr: tl.tensor,
-    kres_ptr: tl.tensor,  # block-channel: residual keys [R, CACHE_BLOCK, KVH, D]
+    kres_ptr: tl.tensor,  # block-channel: residual keys [R, cache_block, KVH, D]
     rmap_ptr: tl.tensor,  # block-channel: int32 residual slot of each block
     block_tables_ptr: tl.tensor,
     seq_lens_ptr: tl.tensor,
     query_lens_ptr: tl.tensor,
     cu_q_ptr: tl.tensor,  # int32 [B + 1]: first token of each sequence in q
     cu_tiles_ptr: tl.tensor,  # int32 [B + 1]: first query tile of each sequence
-    part_acc_ptr: tl.tensor,  # float32 [tiles, KVH, NUM_SPLITS, ROWS, D] (split-K only)
-    part_ml_ptr: tl.tensor,  # float32 [tiles, KVH, NUM_SPLITS, ROWS, 2] (split-K only)
+    part_acc_ptr: tl.tensor,  # float32 [tiles, KVH, num_splits, ROWS, D] (SPLIT only)
+    part_ml_ptr: tl.tensor,  # float32 [tiles, KVH, num_splits, ROWS, 2] (SPLIT only)
     scale_log2: tl.tensor,  # softmax_scale * log2(e)
     num_seqs: tl.tensor,
     stride_qt: tl.tensor,
@@ -508,25 +580,27 @@ def _attention_kernel(
     stride_ot: tl.tensor,
     stride_oh: tl.tensor,
     stride_bt: tl.tensor,
-    KVH: tl.constexpr,
-    G: tl.constexpr,
+    num_kv_heads: tl.tensor,
+    group: tl.tensor,  # query heads per KV head
+    cache_block: tl.tensor,  # tokens per cache block
+    block_q: tl.tensor,  # query tokens per tile; block_q * block_g == ROWS
+    block_g: tl.tensor,  # group padded to a power of two
+    num_splits: tl.tensor,
+    search_steps: tl.tensor,  # ceil(log2(num_seqs + 1))
     D: tl.constexpr,
     BITS: tl.constexpr,
-    CACHE_BLOCK: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,  # power of two >= D (bits 0/8) or D/2 (bits 4), >= 16
-    NUM_SPLITS: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
+    SPLIT: tl.constexpr,  # num_splits > 1: write partial results for _combine_kernel
     DOT_DTYPE: tl.constexpr,
     KEY_CHANNEL: tl.constexpr,  # block-channel int4 keys (bits 4 only)
 ) -> None:
     """One program per (query tile of one sequence, KV head, KV split).
 
-    Rows are ``BLOCK_Q`` query tokens x ``BLOCK_G`` (padded) query heads of the KV head's
+    Rows are ``block_q`` query tokens x ``block_g`` (padded) query heads of the KV head's
     group; an online softmax runs over the sequence's keys up to the tile's last position.
-    With ``NUM_SPLITS > 1`` the keys are cut into that many ranges and partial results go to
+    With ``SPLIT`` the keys are cut into ``num_splits`` ranges and partial results go to
     scratch for :func:`_combine_kernel` (flash-decoding).
     """
     tile = tl.program_id(0)
@@ -534,33 +608,34 @@ def _attention_kernel(
     split = tl.program_id(2)
     if tile >= tl.load(cu_tiles_ptr + num_seqs):
         return
-    b = _find_sequence(tile, cu_tiles_ptr, num_seqs, SEARCH_STEPS)
+    b = _find_sequence(tile, cu_tiles_ptr, num_seqs, search_steps)
     q_len = tl.load(query_lens_ptr + b)
     seq_len = tl.load(seq_lens_ptr + b)
-    m0 = (tile - tl.load(cu_tiles_ptr + b)) * BLOCK_Q
+    m0 = (tile - tl.load(cu_tiles_ptr + b)) * block_q
     ctx = seq_len - q_len
 
-    ROWS: tl.constexpr = BLOCK_Q * BLOCK_G
     DC: tl.constexpr = D // 2 if BITS == 4 else D
     r = tl.arange(0, ROWS)
-    qi = r // BLOCK_G
-    gi = r % BLOCK_G
-    row_ok = (m0 + qi < q_len) & (gi < G)
+    qi = r // block_g
+    gi = r % block_g
+    row_ok = (m0 + qi < q_len) & (gi < group)
     tok = (tl.load(cu_q_ptr + b) + m0 + qi).to(tl.int64)
-    head = kvh * G + gi
+    head = kvh * group + gi
     qpos = ctx + m0 + qi
     c = tl.arange(0, BLOCK_C)
     cmask = c < DC
     qmask = row_ok[:, None] & cmask[None, :]
     q_off = tok[:, None] * stride_qt + head[:, None] * stride_qh + c[None, :]
-    q_lo = tl.load(q_ptr + q_off, mask=qmask, other=0.0).to(tl.float32)
+    # Kept in the dot's input dtype: exact (q is stored in it, or widened to float32) and half
+    # the registers of a float32 copy.
+    q_lo = tl.load(q_ptr + q_off, mask=qmask, other=0.0).to(DOT_DTYPE)
     q_hi = q_lo
     if BITS == 4:
-        q_hi = tl.load(q_ptr + q_off + DC, mask=qmask, other=0.0).to(tl.float32)
+        q_hi = tl.load(q_ptr + q_off + DC, mask=qmask, other=0.0).to(DOT_DTYPE)
 
-    kv_end = tl.minimum(seq_len, ctx + m0 + BLOCK_Q)  # keys the tile's last token sees
+    kv_end = tl.minimum(seq_len, ctx + m0 + block_q)  # keys the tile's last token sees
     n_tiles = tl.cdiv(kv_end, BLOCK_N)
-    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    per_split = tl.cdiv(n_tiles, num_splits)
     j_start = split * per_split
     j_stop = tl.minimum(n_tiles, j_start + per_split)
 
@@ -572,19 +647,20 @@ def _attention_kernel(
     for jt in range(j_start, j_stop):
         j = jt * BLOCK_N + n
         j_ok = j < kv_end
-        blk = tl.load(block_tables_ptr + b * stride_bt + j // CACHE_BLOCK, mask=j_ok, other=0)
-        row = (blk.to(tl.int64) * CACHE_BLOCK + j % CACHE_BLOCK) * KVH + kvh
+        blk = tl.load(block_tables_ptr + b * stride_bt + j // cache_block, mask=j_ok, other=0)
+        row = (blk.to(tl.int64) * cache_block + j % cache_block) * num_kv_heads + kvh
         kmask = j_ok[:, None] & cmask[None, :]
         if KEY_CHANNEL:
             k_lo = _load_k_channel(
                 k_ptr, ksz_ptr, kres_ptr, rmap_ptr, blk, j, seq_len, row, kvh, c, kmask,
-                0, KVH, D, DC, CACHE_BLOCK,
+                num_kv_heads, cache_block, 0, D, DC,
             )  # fmt: skip
+            s = _mm(q_lo, tl.trans(k_lo), DOT_DTYPE)
             k_hi = _load_k_channel(
                 k_ptr, ksz_ptr, kres_ptr, rmap_ptr, blk, j, seq_len, row, kvh, c, kmask,
-                1, KVH, D, DC, CACHE_BLOCK,
+                num_kv_heads, cache_block, 1, D, DC,
             )  # fmt: skip
-            s = _mm(q_lo, tl.trans(k_lo), DOT_DTYPE) + _mm(q_hi, tl.trans(k_hi), DOT_DTYPE)
+            s += _mm(q_hi, tl.trans(k_hi), DOT_DTYPE)
         else:
             k_lo = _load_kv(k_ptr, ksz_ptr, row, j_ok, c, kmask, BITS, 0, DC)
             s = _mm(q_lo, tl.trans(k_lo), DOT_DTYPE)
@@ -607,7 +683,7 @@ def _attention_kernel(
             acc_hi = acc_hi * alpha[:, None] + _mm(p, v_hi, DOT_DTYPE)
         m_i = m_new
 
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         inv = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)
         o_off = tok[:, None] * stride_ot + head[:, None] * stride_oh + c[None, :]
         dty = out_ptr.dtype.element_ty
@@ -615,7 +691,7 @@ def _attention_kernel(
         if BITS == 4:
             tl.store(out_ptr + o_off + DC, (acc_hi * inv[:, None]).to(dty), mask=qmask)
     else:
-        part = ((tile.to(tl.int64) * KVH + kvh) * NUM_SPLITS + split) * ROWS + r
+        part = ((tile.to(tl.int64) * num_kv_heads + kvh) * num_splits + split) * ROWS + r
         a_off = part[:, None] * D + c[None, :]
         amask = cmask[None, :] & (r[:, None] >= 0)
         tl.store(part_acc_ptr + a_off, acc_lo, mask=amask)
@@ -625,7 +701,7 @@ def _attention_kernel(
         tl.store(part_ml_ptr + part * 2 + 1, l_i)
 
 
-@_jit
+@_jit("num_seqs", "num_kv_heads", "group", "block_q", "block_g", "num_splits", "search_steps")
 def _combine_kernel(
     out_ptr: tl.tensor,
     cu_q_ptr: tl.tensor,
@@ -636,38 +712,38 @@ def _combine_kernel(
     num_seqs: tl.tensor,
     stride_ot: tl.tensor,
     stride_oh: tl.tensor,
-    KVH: tl.constexpr,
-    G: tl.constexpr,
+    num_kv_heads: tl.tensor,
+    group: tl.tensor,
+    block_q: tl.tensor,
+    block_g: tl.tensor,
+    num_splits: tl.tensor,
+    search_steps: tl.tensor,
     D: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
 ) -> None:
-    """Merge the ``NUM_SPLITS`` partial softmax results of one (query tile, KV head)."""
+    """Merge the ``num_splits`` partial softmax results of one (query tile, KV head)."""
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     if tile >= tl.load(cu_tiles_ptr + num_seqs):
         return
-    b = _find_sequence(tile, cu_tiles_ptr, num_seqs, SEARCH_STEPS)
+    b = _find_sequence(tile, cu_tiles_ptr, num_seqs, search_steps)
     q_len = tl.load(query_lens_ptr + b)
-    m0 = (tile - tl.load(cu_tiles_ptr + b)) * BLOCK_Q
-    ROWS: tl.constexpr = BLOCK_Q * BLOCK_G
+    m0 = (tile - tl.load(cu_tiles_ptr + b)) * block_q
     r = tl.arange(0, ROWS)
-    qi = r // BLOCK_G
-    gi = r % BLOCK_G
-    row_ok = (m0 + qi < q_len) & (gi < G)
+    qi = r // block_g
+    gi = r % block_g
+    row_ok = (m0 + qi < q_len) & (gi < group)
     tok = (tl.load(cu_q_ptr + b) + m0 + qi).to(tl.int64)
-    head = kvh * G + gi
+    head = kvh * group + gi
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
 
     m_run = tl.full([ROWS], float("-inf"), tl.float32)
     l_run = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
-    base = (tile.to(tl.int64) * KVH + kvh) * NUM_SPLITS
-    for sp in range(NUM_SPLITS):
+    base = (tile.to(tl.int64) * num_kv_heads + kvh) * num_splits
+    for sp in range(num_splits):
         part = (base + sp) * ROWS + r
         m_s = tl.load(part_ml_ptr + part * 2)
         l_s = tl.load(part_ml_ptr + part * 2 + 1)
@@ -688,15 +764,142 @@ def _combine_kernel(
     )
 
 
-def _num_splits(device: torch.device, programs: int, max_kv: int, block_n: int) -> int:
-    """KV splits so that few, long decode sequences still fill the GPU (flash-decoding)."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, max(programs, 1))
-    # Each split should get several KV tiles, or the combine step costs more than it saves.
-    cap = max(1, max_kv // (4 * block_n))
-    return int(max(1, min(want, cap, 16)))
+def attention_launches(
+    q: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_lens: torch.Tensor,
+    softmax_scale: float,
+    num_splits: int | None = None,
+    num_sms: int | None = None,
+    arch: int | None = None,
+) -> tuple[list[Launch], torch.Tensor]:
+    """The launches of :func:`attention_triton` and the output they fill.
+
+    ``num_sms`` (streaming multiprocessors) and ``arch`` (compute capability x10), ``None``
+    off-GPU, are the device's, for :func:`kvquant.launch.attention_launch`; ``num_splits``
+    overrides its split-K heuristic.
+    """
+    t, num_heads, d = q.shape
+    batch = seq_lens.shape[0]
+    kvh = cache.num_kv_heads
+    g = num_heads // kvh
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    # The interpreter mishandles bfloat16 arithmetic: its dots run in float32.
+    float32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreting())
+    dot_dtype = tl.float32 if float32 else _TL_DTYPES[q.dtype]
+    p = attention_launch(
+        num_tokens=t,
+        batch=batch,
+        group=g,
+        head_dim=d,
+        bits=cache.bits,
+        float32=float32,
+        max_kv=block_tables.shape[1] * cache.block_size,
+        num_kv_heads=kvh,
+        num_sms=num_sms,
+        arch=arch,
+        num_splits=num_splits,
+    )
+
+    zero = torch.zeros(1, dtype=torch.int32, device=q.device)
+    cu_q = torch.cat([zero, torch.cumsum(query_lens, 0, dtype=torch.int32)])
+    n_tiles = (query_lens + (p.block_q - 1)) // p.block_q
+    cu_tiles = torch.cat([zero, torch.cumsum(n_tiles, 0, dtype=torch.int32)])
+    grid_tiles = triton.cdiv(t, p.block_q) + batch
+    splits = p.num_splits
+    search_steps = max(1, math.ceil(math.log2(batch + 1)))
+
+    k, v = cache.k[layer], cache.v[layer]
+    ksz = cache.k_scale_zero[layer]
+    vsz = cache.v_scale_zero[layer]
+    if splits > 1:
+        parts = grid_tiles * kvh * splits * p.rows
+        part_acc = torch.empty(parts * d, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(parts * 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused placeholders
+    tiling = (kvh, g, p.block_q, p.block_g, splits, search_steps)
+    launches = [
+        Launch(
+            _attention_kernel,
+            (grid_tiles, kvh, splits),
+            (
+                q,
+                out,
+                k,
+                v,
+                ksz if ksz is not None else k,
+                vsz if vsz is not None else v,
+                cache.k_residual[layer] if cache.block_channel else k,
+                cache.residual_map if cache.block_channel else k,
+                block_tables,
+                seq_lens,
+                query_lens,
+                cu_q,
+                cu_tiles,
+                part_acc,
+                part_ml,
+                softmax_scale * math.log2(math.e),
+                batch,
+                q.stride(0),
+                q.stride(1),
+                out.stride(0),
+                out.stride(1),
+                block_tables.stride(0),
+                kvh,
+                g,
+                cache.block_size,
+                p.block_q,
+                p.block_g,
+                splits,
+                search_steps,
+            ),
+            dict(
+                D=d,
+                BITS=cache.bits,
+                ROWS=p.rows,
+                BLOCK_N=p.block_n,
+                BLOCK_C=p.block_c,
+                SPLIT=splits > 1,
+                DOT_DTYPE=dot_dtype,
+                KEY_CHANNEL=cache.block_channel,
+                num_warps=p.num_warps,
+                num_stages=p.num_stages,
+            ),
+        )
+    ]
+    if splits > 1:
+        launches.append(
+            Launch(
+                _combine_kernel,
+                (grid_tiles, kvh),
+                (
+                    out,
+                    cu_q,
+                    query_lens,
+                    cu_tiles,
+                    part_acc,
+                    part_ml,
+                    batch,
+                    out.stride(0),
+                    out.stride(1),
+                    *tiling,
+                ),
+                dict(
+                    D=d,
+                    ROWS=p.rows,
+                    BLOCK_D=pow2(d),
+                    num_warps=p.combine_warps,
+                    num_stages=p.combine_stages,
+                ),
+            )
+        )
+    return launches, out
 
 
 def attention_triton(
@@ -714,102 +917,14 @@ def attention_triton(
     No device value is read on the host: the launch grid is an upper bound on the number of
     query tiles (``cdiv(T, BLOCK_Q) + B``); surplus programs exit at once.
     """
-    t, num_heads, d = q.shape
-    batch = seq_lens.shape[0]
-    kvh = cache.num_kv_heads
-    g = num_heads // kvh
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-
-    block_g = _pow2(g)
-    # Decode-heavy batches: few query tokens per sequence, so small tiles; prefill: 64 rows.
-    rows = 16 if t <= 2 * batch else 64
-    block_q = max(1, rows // block_g)
-    block_n = 64 if cache.block_size >= 64 else 32
-    block_c = _pow2(code_dim(d, cache.bits), at_least=16)
-
-    zero = torch.zeros(1, dtype=torch.int32, device=q.device)
-    cu_q = torch.cat([zero, torch.cumsum(query_lens, 0, dtype=torch.int32)])
-    n_tiles = (query_lens + (block_q - 1)) // block_q
-    cu_tiles = torch.cat([zero, torch.cumsum(n_tiles, 0, dtype=torch.int32)])
-    grid_tiles = triton.cdiv(t, block_q) + batch
-    max_kv = block_tables.shape[1] * cache.block_size
-    splits = num_splits or _num_splits(q.device, grid_tiles * kvh, max_kv, block_n)
-    search_steps = max(1, math.ceil(math.log2(batch + 1)))
-
-    if q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreting()):
-        dot_dtype = tl.float32  # the interpreter mishandles bfloat16 arithmetic
-    else:
-        dot_dtype = _TL_DTYPES[q.dtype]
-    k, v = cache.k[layer], cache.v[layer]
-    ksz = cache.k_scale_zero[layer]
-    vsz = cache.v_scale_zero[layer]
-    row_count = block_q * block_g
-    if splits > 1:
-        part_acc = torch.empty(
-            grid_tiles * kvh * splits * row_count * d, dtype=torch.float32, device=q.device
-        )
-        part_ml = torch.empty(
-            grid_tiles * kvh * splits * row_count * 2, dtype=torch.float32, device=q.device
-        )
-    else:
-        part_acc = part_ml = out  # unused placeholders
-    _attention_kernel[(grid_tiles, kvh, splits)](
-        q,
-        out,
-        k,
-        v,
-        ksz if ksz is not None else k,
-        vsz if vsz is not None else v,
-        cache.k_residual[layer] if cache.block_channel else k,
-        cache.residual_map if cache.block_channel else k,
-        block_tables,
-        seq_lens,
-        query_lens,
-        cu_q,
-        cu_tiles,
-        part_acc,
-        part_ml,
-        softmax_scale * math.log2(math.e),
-        batch,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        block_tables.stride(0),
-        KVH=kvh,
-        G=g,
-        D=d,
-        BITS=cache.bits,
-        CACHE_BLOCK=cache.block_size,
-        BLOCK_Q=block_q,
-        BLOCK_G=block_g,
-        BLOCK_N=block_n,
-        BLOCK_C=block_c,
-        NUM_SPLITS=splits,
-        SEARCH_STEPS=search_steps,
-        DOT_DTYPE=dot_dtype,
-        KEY_CHANNEL=cache.block_channel,
+    num_sms = arch = None
+    if q.device.type == "cuda":
+        props = torch.cuda.get_device_properties(q.device)
+        num_sms, arch = props.multi_processor_count, 10 * props.major + props.minor
+    launches, out = attention_launches(
+        q, cache, layer, block_tables, seq_lens, query_lens, softmax_scale, num_splits, num_sms,
+        arch,
     )
-    if splits > 1:
-        _combine_kernel[(grid_tiles, kvh)](
-            out,
-            cu_q,
-            query_lens,
-            cu_tiles,
-            part_acc,
-            part_ml,
-            batch,
-            out.stride(0),
-            out.stride(1),
-            KVH=kvh,
-            G=g,
-            D=d,
-            BLOCK_Q=block_q,
-            BLOCK_G=block_g,
-            BLOCK_D=_pow2(d),
-            NUM_SPLITS=splits,
-            SEARCH_STEPS=search_steps,
-        )
+    for launch in launches:
+        launch()
     return out
