@@ -412,12 +412,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bench_failed": tally.bench_failed,
         "statuses": dict(sorted(tally.statuses.items())),
         "sigterm_exit_status": sigterm_status,
-        "server_log": str(workdir / "server.log"),
     }
 
 
 def verdicts(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """(target, measured, met) for each of the issue's targets."""
+    """(target, measured, met) for each target of the soak."""
     growth = report["rss_growth_pct"]
     ratio = report["probe_p99_ratio"]
     return [
