@@ -68,7 +68,9 @@ def cluster(tiny_model: str, in_process_server: Any) -> Iterator[Cluster]:
         config = EngineConfig(model=tiny_model, device="cpu", num_blocks=96, block_size=BS)
         handles = deploy_replicas(config, 2)
         engine = RoutedEngine(handles)
-        settings = ServerSettings(model_name="tiny", api_keys=KEYS, log_interval=0, max_queue=4)
+        settings = ServerSettings(
+            model_name="tiny", api_keys=KEYS, admin_api_key=KEYS[0], log_interval=0, max_queue=4
+        )
         server = in_process_server(build_routed_app(engine, settings))
         deadline = time.monotonic() + 60
         while not (
@@ -125,9 +127,9 @@ def test_streaming_n_and_metrics_work_as_with_one_engine(cluster: Cluster) -> No
             text[ch["index"]] += ch["text"]
     assert chunks[-1]["usage"]["completion_tokens"] == 6
     assert text[0] == text[1] and text[0]  # greedy: both samples agree
-    # Too many at once for max_queue=4: 429, as with one engine.
+    # More choices than max_queue=4 can ever hold: 400, as with one engine.
     r = cluster.post("/v1/completions", {"model": "tiny", "prompt": "x", "n": 5})
-    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_choices"
     r = cluster.post("/v1/completions", {"model": "tiny", "prompt": "x"}, key="wrong-key")
     assert r.status_code == 401
     metrics = httpx.get(cluster.url + "/metrics", headers=headers).text
@@ -161,7 +163,8 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_service_continues(
     cluster: Cluster,
 ) -> None:
     engine = cluster.engine
-    body = {"model": "tiny", "prompt": "a long answer, please", "max_tokens": 2000,
+    # As long as fits the context (96 blocks of 4 tokens): a longer one is refused with 400.
+    body = {"model": "tiny", "prompt": "a long answer, please", "max_tokens": 350,
             "ignore_eos": True, "stream": True}  # fmt: skip
     headers = {"Authorization": f"Bearer {KEYS[0]}"}
     lines: list[str] = []

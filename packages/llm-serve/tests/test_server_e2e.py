@@ -262,7 +262,7 @@ BAD_INPUTS: list[tuple[str, str, Any, int, str | None]] = [
         "chat/completions",
         {**BASE_CHAT, "tools": [{"type": "function"}]},
         400,
-        "tools.0.function",
+        "tools[0].function",
     ),
     (
         "response-format-unknown",

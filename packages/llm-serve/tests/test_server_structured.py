@@ -215,7 +215,7 @@ BAD = [
     ),
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
-    ({"tools": [{"type": "function"}]}, "tools.0.function"),
+    ({"tools": [{"type": "function"}]}, "tools[0].function"),
     ({"tools": [WEATHER], "tool_choice": "required", "guided_regex": "a"}, "guided_regex"),
 ]
 
