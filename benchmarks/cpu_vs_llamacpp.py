@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 import torch
-from common import bar_plot, markdown_table, record, save_json
+from common import bar_plot, markdown_table, record, save_json, wait_healthy
 
 from paged_engine import EngineConfig, LLMEngine, SamplingParams
 from paged_engine.model_loader import bundled_gguf_path
@@ -126,14 +126,7 @@ def serve_peak_rss(extra: list[str]) -> float:
     cmd = [sys.executable, "-m", "llm_serve.cli", "serve", "default", "--port", str(port), "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(f"http://127.0.0.1:{port}", lambda: proc.poll() is None, timeout=600)
         body = {"model": "default", "prompt": "Hello", "max_tokens": 8}
         httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120)
         with open(f"/proc/{proc.pid}/status", encoding="ascii") as f:

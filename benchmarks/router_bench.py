@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
-from common import bar_plot, markdown_table, record, save_json
+from common import bar_plot, markdown_table, record, save_json, wait_healthy
 
 from llm_serve.ray_serve import require_ray  # first: sets Ray's environment defaults
 
@@ -123,16 +123,7 @@ def serving(app: Any) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the server did not become healthy")
-        time.sleep(0.2)
+    wait_healthy(url, thread.is_alive)
     try:
         yield url
     finally:
@@ -159,16 +150,7 @@ def engine_process(config: Any) -> Iterator[str]:
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("the single-engine server did not become healthy")
-            time.sleep(0.2)
+        wait_healthy(url, lambda: proc.poll() is None)
         yield url
     finally:
         proc.terminate()
